@@ -17,6 +17,9 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the field."""
 
 
+ENGRAM_FUSIONS = ("per_branch", "single")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngramConfig:
     """Engram hashing and module settings. Defaults are the reference demo's.
@@ -41,6 +44,11 @@ class EngramConfig:
       lookup: how a table whose rows are split over devices is read: "routed" (each device
         gathers the rows it owns, `sharding.routed_lookup`) or "auto" (the compiler's gather,
         which all-reduces the whole output; kept for comparison).
+      gated: compute the context-aware gate; False fixes it at 1 (an ablation).
+      fusion: "per_branch" (a gate per mHC stream, the output added to every stream) or
+        "single" (the paper's ablation: one gate on the attention input after mHC's
+        pre-mapping, the output added to that input only).
+      short_conv: add the short convolution; False makes the output the gated value (an ablation).
     """
 
     vocab_size_per_ngram: tuple[int, ...] = (129280 * 5, 129280 * 5)
@@ -57,6 +65,9 @@ class EngramConfig:
     tokenizer_compression: bool = True
     table_row_multiple: int = 256
     lookup: str = "routed"
+    gated: bool = True
+    fusion: str = "per_branch"
+    short_conv: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "vocab_size_per_ngram", tuple(self.vocab_size_per_ngram))
@@ -86,6 +97,8 @@ class EngramConfig:
                "must be >= 1")
         _check(self.lookup in ("routed", "auto"), "lookup", self.lookup,
                "must be 'routed' or 'auto'")
+        _check(self.fusion in ENGRAM_FUSIONS, "fusion", self.fusion,
+               f"must be one of {ENGRAM_FUSIONS}")
 
     @property
     def num_heads(self) -> int:

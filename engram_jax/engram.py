@@ -161,20 +161,27 @@ class Engram(nnx.Module):
         table_shards(padded_rows)  # under a mesh: the rows must split evenly
         self.table = logical_param(nnx.initializers.normal(1.0), rngs.params(),
                                    (padded_rows, config.head_dim), param_dtype, (ROWS, COLS))
-        self.key_kernel = logical_param(linear_init, rngs.params(), (g, e, d), param_dtype,
-                                        (STREAMS, ENGRAM_EMBED, EMBED))
-        self.key_bias = logical_param(zeros, rngs.params(), (g, d), param_dtype, (STREAMS, EMBED))
-        self.key_norm = logical_param(ones, rngs.params(), (g, d), param_dtype, (STREAMS, EMBED))
-        self.query_norm = logical_param(ones, rngs.params(), (g, d), param_dtype, (STREAMS, EMBED))
+        if config.gated:
+            self.key_kernel = logical_param(linear_init, rngs.params(), (g, e, d), param_dtype,
+                                            (STREAMS, ENGRAM_EMBED, EMBED))
+            self.key_bias = logical_param(zeros, rngs.params(), (g, d), param_dtype,
+                                          (STREAMS, EMBED))
+            self.key_norm = logical_param(ones, rngs.params(), (g, d), param_dtype,
+                                          (STREAMS, EMBED))
+            self.query_norm = logical_param(ones, rngs.params(), (g, d), param_dtype,
+                                            (STREAMS, EMBED))
         self.value_kernel = logical_param(linear_init, rngs.params(), (e, d), param_dtype,
                                           (ENGRAM_EMBED, EMBED))
         self.value_bias = logical_param(zeros, rngs.params(), (d,), param_dtype, (EMBED,))
-        self.conv_norm = logical_param(ones, rngs.params(), (g, d), param_dtype, (STREAMS, EMBED))
-        # PyTorch's default depthwise Conv1d init has bound 1/sqrt(taps); the paper starts at 0.
-        conv_init = zeros if config.conv_zero_init else nnx.initializers.variance_scaling(
-            1 / 3, "fan_in", "uniform", in_axis=0, out_axis=())
-        self.conv_kernel = logical_param(conv_init, rngs.params(), (config.kernel_size, g, d),
-                                         param_dtype, (CONV_TAPS, STREAMS, EMBED))
+        if config.short_conv:
+            self.conv_norm = logical_param(ones, rngs.params(), (g, d), param_dtype,
+                                           (STREAMS, EMBED))
+            # PyTorch's default depthwise Conv1d init has bound 1/sqrt(taps); the paper starts
+            # at 0.
+            conv_init = zeros if config.conv_zero_init else nnx.initializers.variance_scaling(
+                1 / 3, "fan_in", "uniform", in_axis=0, out_axis=())
+            self.conv_kernel = logical_param(conv_init, rngs.params(), (config.kernel_size, g, d),
+                                             param_dtype, (CONV_TAPS, STREAMS, EMBED))
         self.gate_mean = GateMean(jnp.full((g,), 0.5, jnp.float32))
 
     def embed(self, hash_ids: jax.Array) -> jax.Array:
@@ -187,7 +194,10 @@ class Engram(nnx.Module):
                                  self.config.lookup).astype(self.dtype)
 
     def gates(self, hidden: jax.Array, memory: jax.Array) -> jax.Array:
-        """float32 (B, L, G) gates from hidden states (B, L, G, D) and memory (B, L, E)."""
+        """float32 (B, L, G) gates from hidden states (B, L, G, D) and memory (B, L, E); all
+        ones when the config has `gated: false`."""
+        if not self.config.gated:
+            return jnp.ones(hidden.shape[:3], jnp.float32)
         keys = jnp.einsum("ble,ged->blgd", memory, self.key_kernel[...].astype(self.dtype))
         keys = keys + self.key_bias[...].astype(self.dtype)
         return engram_gate(keys, hidden, self.key_norm[...], self.query_norm[...])
@@ -205,6 +215,8 @@ class Engram(nnx.Module):
         value = memory @ self.value_kernel[...].astype(self.dtype) + self.value_bias[...].astype(
             self.dtype)
         gated = gate[..., None] * value[:, :, None, :].astype(jnp.float32)  # (B, L, G, D) f32
+        if not self.config.short_conv:
+            return gated.astype(self.dtype)
         conv = short_conv(gated, self.conv_norm[...], self.conv_kernel[...],
                           self.config.dilation)
         return (gated + conv).astype(self.dtype)

@@ -17,6 +17,7 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
 from flax import nnx
 
 from engram_jax import data as data_lib
@@ -57,6 +58,17 @@ def load_checkpoint(directory: str | pathlib.Path, data_overrides: list[str] = (
     return model, config, tokenizer, restored[0]
 
 
+def validation_stream(config: Config, tokenizer: TextTokenizer) -> tuple[np.ndarray, float, int]:
+    """The validation split of `config.data` tokenised with `tokenizer` (documents joined by the
+    end-of-document token): (token stream, text bytes per token, number of documents)."""
+    from engram_jax.corpus import split_documents
+
+    _, texts, report = split_documents(config.data)
+    stream = data_lib.tokenize_stream(tokenizer, texts, tokenizer.token_id(data_lib.EOD_TOKEN))
+    text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return stream, text_bytes / len(stream), report.documents
+
+
 def _meta_args():
     import orbax.checkpoint as ocp
 
@@ -82,22 +94,19 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
-    from engram_jax.corpus import split_documents
     from engram_jax.trainer import evaluate
 
-    _, validation_texts, report = split_documents(config.data)
-    eod = tokenizer.token_id(data_lib.EOD_TOKEN)
-    stream = data_lib.tokenize_stream(tokenizer, validation_texts, eod)
-    text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in validation_texts)
-    hasher = data_lib.make_hasher(config.model.engram, tokenizer, eod)
+    stream, bytes_per_token, documents = validation_stream(config, tokenizer)
+    hasher = data_lib.make_hasher(config.model.engram, tokenizer,
+                                  tokenizer.token_id(data_lib.EOD_TOKEN))
     batches = data_lib.batches(stream, config.data.seq_len, config.train.batch_size, hasher,
                                seed=0, repeat=False)  # the sample training evaluates on
     count = min(args.batches or config.train.eval_batches,
                 len(data_lib.Windows(stream, config.data.seq_len)) // config.train.batch_size)
     mesh = make_mesh(config.sharding) if jax.device_count() > 1 else None
-    result = evaluate(model, batches, mesh, count, text_bytes / len(stream))
+    result = evaluate(model, batches, mesh, count, bytes_per_token)
     print(json.dumps({"checkpoint_step": step, "batches": count, "data": dataclasses.asdict(
-        config.data), "documents": report.documents, **result}))
+        config.data), "documents": documents, **result}))
     return 0
 
 

@@ -125,6 +125,12 @@ class MHC(nnx.Module):
         return compute(x, self.phi[...], self.gates[...], self.bias_pre[...],
                        self.bias_post[...], self.bias_res[...], self.sinkhorn_iters)
 
+    def read(self, x: jax.Array) -> jax.Array:
+        """The sublayer's input u (B, L, C) from streams x (B, L, n, C): the pre-mapping."""
+        if self.n == 1:
+            return x[:, :, 0]
+        return mhc_read(x, self.coefficients(x)[0])
+
     def __call__(self, x: jax.Array, sublayer: Callable[[jax.Array], jax.Array]) -> jax.Array:
         """x (B, L, n, C) -> x' (B, L, n, C) around `sublayer`: (B, L, C) -> (B, L, C)."""
         if self.n == 1:

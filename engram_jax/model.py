@@ -4,7 +4,9 @@ A block is
     x <- x + Engram(x, hash_ids)                  (Engram layers only; per-stream output)
     x <- mHC_attn(x, u -> Attention(RMSNorm(u)))
     x <- mHC_ffn(x,  u -> FFN or MoE(RMSNorm(u)))
-with x of shape (B, L, n, D). Hash ids come precomputed from the host (`NgramHasher`).
+with x of shape (B, L, n, D). With `engram.fusion: single` (an ablation) Engram instead reads
+and adds to the attention input u: u <- u + Engram(u, hash_ids).
+Hash ids come precomputed from the host (`NgramHasher`).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ class Block(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d, n = config.hidden_size, config.hc_mult
         self.layer = layer
-        self.engram = (Engram(config.engram, layer, d, n, **kw)
-                       if config.engram is not None and layer in config.engram.layer_ids else None)
+        engram = config.engram
+        has_engram = engram is not None and layer in engram.layer_ids
+        branches = n if has_engram and engram.fusion == "per_branch" else 1
+        self.engram = Engram(engram, layer, d, branches, **kw) if has_engram else None
         self.attn_norm = RMSNorm(d, config.norm_eps, **kw)
         self.attn = Attention(d, config.num_heads, config.kv_heads, config.attention_head_dim,
                               config.rope_theta, **kw)
@@ -55,12 +59,31 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array,
                  hash_ids: jax.Array | None = None) -> jax.Array:
         """x (B, L, n, D), positions int (B, L), hash ids int32 (B, L, K) -> (B, L, n, D)."""
+        single_fusion = self.engram is not None and self.engram.config.fusion == "single"
         if self.engram is not None:
             if hash_ids is None:
                 raise ValueError(f"layer {self.layer} has an Engram module but got no hash ids")
-            x = x + self.engram(x, hash_ids).astype(x.dtype)
-        x = self.attn_mhc(x, lambda u: self.attn(self.attn_norm(u), positions))
+            if not single_fusion:
+                x = x + self.engram(x, hash_ids).astype(x.dtype)
+
+        def attend(u):  # u (B, L, D): the streams after mHC's pre-mapping
+            if single_fusion:
+                u = u + self.engram(u[:, :, None, :], hash_ids)[:, :, 0].astype(u.dtype)
+            return self.attn(self.attn_norm(u), positions)
+
+        x = self.attn_mhc(x, attend)
         return self.ffn_mhc(x, lambda u: self.ffn(self.ffn_norm(u)))
+
+
+    def engram_gates(self, x: jax.Array, hash_ids: jax.Array) -> jax.Array:
+        """float32 (B, L, branches) gates of this block's Engram for its input streams x
+        (B, L, n, D): one per stream, or one (the attention input's) with single fusion."""
+        if self.engram is None:
+            raise ValueError(f"block {self.layer} has no Engram module")
+        hidden = x
+        if self.engram.config.fusion == "single":
+            hidden = self.attn_mhc.read(x)[:, :, None]
+        return self.engram.gates(hidden, self.engram.embed(hash_ids))
 
 
 def _run_block(block: Block, x, positions, hash_ids):
@@ -111,7 +134,11 @@ class Transformer(nnx.Module):
 
     def logits(self, streams: jax.Array) -> jax.Array:
         """Streams (B, L, n, D) -> float32 logits (B, L, V) through merge, final norm and head."""
-        h = self.final_norm(self.merge(streams))
+        return self.head_logits(self.merge(streams))
+
+    def head_logits(self, merged: jax.Array) -> jax.Array:
+        """Merged streams (B, L, D) -> float32 logits (B, L, V) through final norm and head."""
+        h = self.final_norm(merged)
         if self.head is None:
             logits = h @ self.embed[...].astype(jnp.float32).T / np.sqrt(self.config.hidden_size)
         else:

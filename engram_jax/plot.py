@@ -15,13 +15,19 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_run(run_dir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
-    """Writes a PNG of train and validation loss against step; returns its path."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_run(run_dir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Writes a PNG of train and validation loss against step; returns its path."""
+    plt = pyplot()
     rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     validation = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]

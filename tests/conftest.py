@@ -1,4 +1,4 @@
-"""Test set-up: 8 fake CPU devices, made before jax is first imported."""
+"""Test set-up: 8 fake CPU devices, made before jax is first imported; a small text corpus."""
 
 import os
 import pathlib
@@ -7,11 +7,34 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DATA_DIR = pathlib.Path(__file__).parent / "data"
+SENTENCES = ["the quick brown fox jumps over the lazy dog.",
+             "a journey of a thousand miles begins with a single step.",
+             "to be or not to be, that is the question.",
+             "all that glitters is not gold; all who wander are not lost."]
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> pathlib.Path:
+    """40 text files of repeated sentences (a corpus the tiny config learns in a few steps)."""
+    directory = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        lines = [SENTENCES[j] for j in rng.integers(0, len(SENTENCES), 30)]
+        (directory / f"doc{i:02d}.txt").write_text("\n".join(lines))
+    return directory
+
+
+def tiny_text_overrides(corpus_dir: pathlib.Path) -> list[str]:
+    """configs/tiny.yaml settings that train it on `corpus_dir` (see `corpus_dir`)."""
+    return ["data.source=text", f"data.paths=['{corpus_dir}/*.txt']",
+            f"data.cache_dir={corpus_dir.parent / 'cache'}", "data.tokenizer_vocab_size=300",
+            "data.validation_percent=10", "data.seq_len=32", "data.num_threads=1"]

@@ -214,3 +214,28 @@ class PureFunctionsTest(chex.TestCase):
         out = self.variant(rms_norm, static_argnums=2)(x, jnp.array([1.0, 2.0]), 0.0)
         rms = np.sqrt((9 + 16) / 2)
         np.testing.assert_allclose(out, [[3 / rms, 8 / rms]], rtol=1e-6)
+
+
+def test_ungated_module_adds_the_value_on_every_stream(compressor):
+    _, hidden, ids = _inputs(compressor)
+    config = dataclasses.replace(CONFIG, gated=False, short_conv=False)
+    module = engram_lib.Engram(config, 2, D, G, rngs=nnx.Rngs(0))
+    assert not hasattr(module, "key_kernel") and not hasattr(module, "conv_kernel")
+    memory = module.embed(ids)
+    chex.assert_trees_all_equal(module.gates(hidden, memory), jnp.ones((B, L, G)))
+    value = memory @ module.value_kernel[...] + module.value_bias[...]
+    chex.assert_trees_all_close(module(hidden, ids), jnp.broadcast_to(value[:, :, None], (B, L, G, D)),
+                                atol=1e-6)
+
+
+def test_without_short_conv_the_output_is_the_gated_value(compressor):
+    _, hidden, ids = _inputs(compressor)
+    with_conv = _module(conv_zero_init=False)
+    without = engram_lib.Engram(dataclasses.replace(CONFIG, conv_zero_init=False, short_conv=False),
+                                2, D, G, rngs=nnx.Rngs(0))
+    memory = without.embed(ids)
+    gate = without.gates(hidden, memory)
+    value = memory @ without.value_kernel[...] + without.value_bias[...]
+    chex.assert_trees_all_close(without(hidden, ids), gate[..., None] * value[:, :, None],
+                                atol=1e-6)
+    assert not np.allclose(with_conv(hidden, ids), without(hidden, ids), atol=1e-3)

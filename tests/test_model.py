@@ -166,3 +166,21 @@ def test_every_parameter_has_logical_axes():
     for path, spec in nnx.to_flat_state(specs):
         value = spec.get_value()
         assert value is not None and len(value) > 0, path
+
+
+def test_single_fusion_reaches_the_streams_only_through_attention():
+    single = dataclasses.replace(TINY, engram=dataclasses.replace(TINY.engram, fusion="single"))
+    tokens, hash_ids = _batch(single)
+    other_ids = _batch(single, seed=1)[1]
+    for config, depends_without_attention in ((TINY, True), (single, False)):
+        model = Transformer(config, rngs=nnx.Rngs(0))
+        engram = model.blocks[1].engram
+        chex.assert_shape(engram.key_kernel, (1 if config is single else TINY.hc_mult,
+                                              TINY.engram.embed_dim, TINY.hidden_size))
+        run = nnx.jit(lambda m, t, h: m.hidden_states(t, h)[2])
+        before = run(model, jnp.asarray(tokens), hash_ids)
+        assert not np.allclose(before, run(model, jnp.asarray(tokens), other_ids))
+        model.blocks[1].attn.wo[...] = jnp.zeros_like(model.blocks[1].attn.wo[...])
+        same = np.allclose(run(model, jnp.asarray(tokens), hash_ids),
+                           run(model, jnp.asarray(tokens), other_ids), atol=1e-6)
+        assert same != depends_without_attention

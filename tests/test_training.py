@@ -16,31 +16,16 @@ from flax import nnx
 
 from engram_jax.checkpoint import Checkpointer
 from engram_jax.trainer import FAULT_ENV
+from conftest import tiny_text_overrides
 from processes import collect, free_port
 
 ROOT = pathlib.Path(__file__).parent.parent
-SENTENCES = ["the quick brown fox jumps over the lazy dog.",
-             "a journey of a thousand miles begins with a single step.",
-             "to be or not to be, that is the question.",
-             "all that glitters is not gold; all who wander are not lost."]
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        lines = [SENTENCES[j] for j in rng.integers(0, len(SENTENCES), 30)]
-        (directory / f"doc{i:02d}.txt").write_text("\n".join(lines))
-    return directory
 
 
 def _run(corpus_dir, run_dir, *overrides, fault=None, steps=24, devices=None, launcher=()):
     args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-            "--no-progress", "data.source=text", f"data.paths=['{corpus_dir}/*.txt']",
-            f"data.cache_dir={corpus_dir.parent / 'cache'}", "data.tokenizer_vocab_size=300",
-            "data.validation_percent=10", "data.seq_len=32", "data.num_threads=1",
-            f"train.run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1",
+            "--no-progress", *tiny_text_overrides(corpus_dir), f"train.run_dir={run_dir}",
+            f"train.steps={steps}", "train.log_every=1",
             "train.eval_every=12", "train.eval_batches=1", "train.checkpoint_every=12",
             "train.learning_rate=0.01", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

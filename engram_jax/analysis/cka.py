@@ -1,0 +1,93 @@
+"""Linear CKA between the layers of two checkpoints on the same validation tokens.
+
+  python -m engram_jax.analysis.cka --checkpoint RUN_A --checkpoint RUN_B
+      [--sequences 8] [--out results/analysis/cka.png]
+
+Representations are each layer's merged residual streams (layer 0 is the embedding), one row per
+token. CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc: 1
+for representations equal up to rotation and scale. The paper reads an Engram model's layer i
+matching a MoE model's deeper layer j > i as Engram "adding depth". With one --checkpoint the
+model is compared with itself. Writes the heatmap PNG and the matrix as CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax.analysis import probe
+
+
+def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Linear CKA of representations x (N, Dx) and y (N, Dy) of the same N examples, in
+    float32; in [0, 1]."""
+    x = x.astype(jnp.float32) - jnp.mean(x, axis=0, dtype=jnp.float32)
+    y = y.astype(jnp.float32) - jnp.mean(y, axis=0, dtype=jnp.float32)
+    cross = jnp.sum(jnp.square(y.T @ x))
+    return cross / (jnp.linalg.norm(x.T @ x) * jnp.linalg.norm(y.T @ y))
+
+
+@jax.jit
+def cka_matrix(states_a: list[jax.Array], states_b: list[jax.Array]) -> jax.Array:
+    """(len(states_a), len(states_b)) CKA of every pair of layers; states are (B, L, D)."""
+    flat_a = [s.reshape(-1, s.shape[-1]) for s in states_a]
+    flat_b = [s.reshape(-1, s.shape[-1]) for s in states_b]
+    return jnp.stack([jnp.stack([linear_cka(a, b) for b in flat_b]) for a in flat_a])
+
+
+def plot(matrix: np.ndarray, label_a: str, label_b: str, path) -> None:
+    from engram_jax.plot import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 1.0 * matrix.shape[0] + 1.8))
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", origin="lower")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                color="white" if value < 0.6 else "black")
+    ax.set(xlabel=f"{label_b} layer", ylabel=f"{label_a} layer", title="linear CKA",
+           xticks=range(matrix.shape[1]), yticks=range(matrix.shape[0]))
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="run or checkpoints directory; give one or two")
+    parser.add_argument("--sequences", type=int, default=8, help="validation windows to use")
+    parser.add_argument("--out", help="PNG path (default results/analysis/cka.png)")
+    args = parser.parse_args(argv)
+    if len(args.checkpoint) > 2:
+        parser.error("give at most two --checkpoint")
+    try:
+        checkpoints = [probe.load(path) for path in args.checkpoint]
+        probe.same_tokenizer(checkpoints[0], checkpoints[-1])
+    except (FileNotFoundError, ValueError) as err:
+        print(f"cka: {err}", file=sys.stderr)
+        return 2
+    a, b = checkpoints[0], checkpoints[-1]
+    tokens = probe.validation_tokens(a, args.sequences)[:, :-1]
+    matrix = np.asarray(cka_matrix(probe.layer_states(a, tokens), probe.layer_states(b, tokens)))
+    path = probe.figure_path(args.out, "cka.png")
+    plot(matrix, a.label, b.label, path)
+    with path.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f"{a.label} layer \\ {b.label} layer", *range(matrix.shape[1])])
+        writer.writerows([i, *row] for i, row in enumerate(matrix.tolist()))
+    print(json.dumps({"a": a.label, "b": b.label, "cka": matrix.round(4).tolist()}))
+    print(f"wrote {path} and {path.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

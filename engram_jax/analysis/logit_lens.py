@@ -1,0 +1,100 @@
+"""Logit lens: how far each layer's early-exit prediction is from the model's final one.
+
+  python -m engram_jax.analysis.logit_lens --checkpoint RUN_A [--checkpoint RUN_B]
+      [--sequences 16] [--out results/analysis/logit_lens.png]
+
+Each layer's merged streams go through the final norm and LM head; the curve is the mean over
+validation tokens of KL(final || layer) in nats, layer 0 being the embedding. A model whose
+early layers already predict well (the paper's reading of Engram) has a curve that falls
+sooner. Prints one JSON line per checkpoint and writes the PNG and a CSV beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from engram_jax.analysis import probe
+from engram_jax.model import Transformer
+
+
+def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+    """Mean over all leading positions of KL(softmax(p) || softmax(q)), logits (..., V)."""
+    log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+
+
+@nnx.jit
+def layer_kl(model: Transformer, states: list[jax.Array]) -> jax.Array:
+    """(num_layers + 1,) KL(final || early exit) of merged states [(B, L, D), ...]; the last
+    entry compares the final layer with itself and is 0."""
+    final = model.head_logits(states[-1])
+    return jnp.stack([kl_divergence(final, model.head_logits(h)) for h in states])
+
+
+def lens_curve(checkpoint: probe.Checkpoint, tokens) -> list[float]:
+    """Per-layer KL(final || early exit) of one checkpoint on int tokens (B, L)."""
+    return [float(v) for v in layer_kl(checkpoint.model, probe.layer_states(checkpoint, tokens))]
+
+
+def plot(curves: list[tuple[str, list[float]]], path) -> None:
+    from engram_jax.plot import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, values in curves:
+        ax.plot(range(len(values)), values, "o-", label=label)
+    ax.set(xlabel="layer (0 = embedding)", ylabel="KL(final || early exit), nats/token",
+           title="logit lens", yscale="symlog")
+    ax.set_xticks(range(max(len(v) for _, v in curves)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="run or checkpoints directory; give one or two")
+    parser.add_argument("--sequences", type=int, default=16, help="validation windows to use")
+    parser.add_argument("--out", help="PNG path (default results/analysis/logit_lens.png)")
+    args = parser.parse_args(argv)
+    if len(args.checkpoint) > 2:
+        parser.error("give at most two --checkpoint")
+    try:
+        checkpoints = [probe.load(path) for path in args.checkpoint]
+        if len(checkpoints) == 2:
+            probe.same_tokenizer(*checkpoints)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"logit_lens: {err}", file=sys.stderr)
+        return 2
+    tokens = probe.validation_tokens(checkpoints[0], args.sequences)
+    curves = []
+    for checkpoint in checkpoints:
+        curves.append((checkpoint.label, lens_curve(checkpoint, tokens[:, :-1])))
+        print(json.dumps({"checkpoint": checkpoint.label, "step": checkpoint.step,
+                          "kl_per_layer": curves[-1][1]}))
+    path = probe.figure_path(args.out, "logit_lens.png")
+    plot(curves, path)
+    with path.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "layer", "kl_final_vs_layer"])
+        for label, values in curves:
+            writer.writerows([label, i, v] for i, v in enumerate(values))
+    print(f"wrote {path} and {path.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""What the analysis tools share: a loaded checkpoint, validation inputs, per-layer states."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from engram_jax import data as data_lib
+from engram_jax.config import Config
+from engram_jax.evaluate import load_checkpoint, validation_stream
+from engram_jax.model import Transformer
+from engram_jax.tokenizer import TextTokenizer
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A restored model with its config, tokenizer, step and a short label for plots."""
+
+    model: Transformer
+    config: Config
+    tokenizer: TextTokenizer
+    step: int
+    label: str
+
+    def hash_ids(self, tokens: np.ndarray) -> dict[int, jax.Array] | None:
+        """This model's Engram row ids of int tokens (B, L); None without Engram."""
+        hasher = data_lib.make_hasher(self.config.model.engram, self.tokenizer,
+                                      self.tokenizer.token_id(data_lib.EOD_TOKEN))
+        if hasher is None:
+            return None
+        return {layer: jnp.asarray(ids) for layer, ids in hasher(np.asarray(tokens)).items()}
+
+
+def load(path: str | pathlib.Path) -> Checkpoint:
+    """Restores the newest checkpoint of a run directory or its `checkpoints/` directory."""
+    model, config, tokenizer, step = load_checkpoint(path)
+    run = pathlib.Path(path).absolute()
+    label = run.parent.name if run.name == "checkpoints" else run.name
+    return Checkpoint(model, config, tokenizer, step, label)
+
+
+def same_tokenizer(a: Checkpoint, b: Checkpoint) -> None:
+    """Raises unless the two checkpoints tokenise text identically (needed to compare them)."""
+    if a.tokenizer.tokenizer.to_str() != b.tokenizer.tokenizer.to_str():
+        raise ValueError(f"checkpoints {a.label} and {b.label} use different tokenizers, so their "
+                         "layers cannot be compared on the same tokens")
+
+
+def validation_tokens(checkpoint: Checkpoint, sequences: int, seq_len: int | None = None,
+                      seed: int = 0) -> np.ndarray:
+    """int32 (sequences, seq_len) windows of the checkpoint's validation split, drawn without
+    replacement with a fixed seed (seq_len defaults to the run's)."""
+    stream, _, _ = validation_stream(checkpoint.config, checkpoint.tokenizer)
+    seq_len = seq_len or checkpoint.config.data.seq_len
+    windows = data_lib.Windows(stream, seq_len)
+    if sequences > len(windows):
+        raise ValueError(f"the validation split holds {len(windows)} windows of {seq_len} tokens, "
+                         f"fewer than the {sequences} asked for")
+    order = np.random.default_rng(seed).permutation(len(windows))[:sequences]
+    return np.stack([windows[int(i)][:seq_len] for i in np.sort(order)]).astype(np.int32)
+
+
+@nnx.jit
+def _merged_states(model: Transformer, tokens: jax.Array, hash_ids) -> list[jax.Array]:
+    return [model.merge(s) for s in model.hidden_states(tokens, hash_ids)]
+
+
+def layer_states(checkpoint: Checkpoint, tokens: np.ndarray) -> list[jax.Array]:
+    """The merged residual streams (B, L, D) after the embedding and after every block
+    (num_layers + 1 of them): what the final norm and head would read if the model ended there."""
+    return _merged_states(checkpoint.model, jnp.asarray(tokens), checkpoint.hash_ids(tokens))
+
+
+def figure_path(out: str | None, default: str) -> pathlib.Path:
+    """`out`, or results/analysis/<default>; its directory is created."""
+    path = pathlib.Path(out) if out else pathlib.Path("results/analysis") / default
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,128 @@
+"""Engram table usage on the validation split: rows touched, hits per row, hash collisions.
+
+  python -m engram_jax.analysis.table_usage --checkpoint RUN [--sequences N]
+      [--out results/analysis/table_usage.png]
+
+Per hash head: how many of its rows the validation tokens touch, the distribution of hits per
+row (a rank/frequency "Zipf" plot, log-log), and the collision rate: the share of distinct
+(compressed) n-grams whose row also holds another distinct n-gram seen, and the share of tokens
+that read such a shared row. Only the tokenizer and the config are used, not the weights.
+Writes the PNG and a CSV with one row per head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+import numpy as np
+
+from engram_jax import data as data_lib
+from engram_jax.analysis import probe
+from engram_jax.evaluate import validation_stream
+from engram_jax.hashing import NgramHasher, segment_ids_from_separator, shifted_tokens
+
+
+def ngram_keys(compressed: np.ndarray, order: int, pad_id: int,
+               segment_ids: np.ndarray | None = None) -> np.ndarray:
+    """(B * L, order) the compressed n-gram ending at each position, newest token first, with
+    `pad_id` where the hasher reads padding."""
+    columns = [shifted_tokens(compressed, k, pad_id, segment_ids) for k in range(order)]
+    return np.stack(columns, axis=-1).reshape(-1, order)
+
+
+def collision_rates(keys: np.ndarray, rows: np.ndarray) -> tuple[float, float, int]:
+    """(share of distinct n-grams sharing a row with another, share of positions reading such
+    a row, number of distinct n-grams) for n-gram keys (N, n) and their rows (N,)."""
+    unique, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    unique_rows = rows[first]
+    _, row_index, per_row = np.unique(unique_rows, return_inverse=True, return_counts=True)
+    shared = per_row[row_index] > 1
+    return float(shared.mean()), float(shared[inverse.reshape(-1)].mean()), len(unique)
+
+
+def table_usage(hasher: NgramHasher, tokens: np.ndarray) -> tuple[list[dict], dict]:
+    """Per-head usage rows and {(layer, head): hits per row (table_size,)} for int tokens (B, L)."""
+    config = hasher.config
+    compressed = hasher.compressor(np.asarray(tokens))
+    segments = (segment_ids_from_separator(tokens, hasher.separator_id)
+                if config.reset_at_document_boundary else None)
+    rows, hits = [], {}
+    for layer, ids in hasher(tokens).items():
+        for head in range(ids.shape[-1]):
+            order = 2 + head // config.n_head_per_ngram
+            size = int(hasher.table_sizes[layer][head])
+            head_rows = ids[..., head].reshape(-1)
+            counts = np.bincount(head_rows, minlength=size)
+            ngram_rate, token_rate, distinct = collision_rates(
+                ngram_keys(compressed, order, hasher.pad_id, segments), head_rows)
+            hits[(layer, head)] = counts
+            rows.append({"layer": layer, "head": head, "order": order, "table_size": size,
+                         "tokens": head_rows.size, "distinct_ngrams": distinct,
+                         "rows_touched": int(np.count_nonzero(counts)),
+                         "fraction_touched": float(np.count_nonzero(counts) / size),
+                         "max_hits": int(counts.max()),
+                         "ngram_collision_rate": ngram_rate, "token_collision_rate": token_rate})
+    return rows, hits
+
+
+def plot(hits: dict, path) -> None:
+    from engram_jax.plot import pyplot
+
+    plt = pyplot()
+    layers = sorted({layer for layer, _ in hits})
+    fig, axes = plt.subplots(1, len(layers), figsize=(6.5 * len(layers), 4.5), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for (l, head), counts in sorted(hits.items()):
+            if l != layer:
+                continue
+            ranked = np.sort(counts[counts > 0])[::-1]
+            ax.loglog(np.arange(1, len(ranked) + 1), ranked, lw=1.2, label=f"head {head}")
+        ax.set(xlabel="row rank", ylabel="hits", title=f"layer {layer}: hits per touched row")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--checkpoint", required=True, help="run or checkpoints directory")
+    parser.add_argument("--sequences", type=int, default=None,
+                        help="validation windows to use (default: all of them)")
+    parser.add_argument("--out", help="PNG path (default results/analysis/table_usage.png)")
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = probe.load(args.checkpoint)
+        config = checkpoint.config
+        if config.model.engram is None:
+            raise ValueError(f"checkpoint {checkpoint.label} has no Engram layers")
+        stream, _, _ = validation_stream(config, checkpoint.tokenizer)
+        seq_len = config.data.seq_len
+        count = min(args.sequences or len(stream) // seq_len, len(stream) // seq_len)
+        tokens = stream[:count * seq_len].reshape(count, seq_len)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"table_usage: {err}", file=sys.stderr)
+        return 2
+    hasher = data_lib.make_hasher(config.model.engram, checkpoint.tokenizer,
+                                  checkpoint.tokenizer.token_id(data_lib.EOD_TOKEN))
+    rows, hits = table_usage(hasher, tokens)
+    path = probe.figure_path(args.out, "table_usage.png")
+    plot(hits, path)
+    with path.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(json.dumps({"checkpoint": checkpoint.label, **row}))
+    print(f"wrote {path} and {path.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
