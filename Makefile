@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test train bench clean
+.PHONY: test train bench experiments clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) bench/hash_throughput.py
+
+experiments: $(STAMP)
+	for sweep in iso_param allocation table_size ablations; do \
+		$(VPY) -m engram_jax.experiments.$$sweep || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

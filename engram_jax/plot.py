@@ -25,6 +25,13 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str | pathlib.Path, dpi: int = 110) -> None:
+    """Lays out, writes and closes a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def plot_run(run_dir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
     """Writes a PNG of train and validation loss against step; returns its path."""
     plt = pyplot()
@@ -42,9 +49,7 @@ def plot_run(run_dir: str | pathlib.Path, out: str | pathlib.Path | None = None)
     ax.set_title(pathlib.Path(run_dir).absolute().name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
     return out
 
 

@@ -6,7 +6,6 @@ import math
 import pathlib
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -49,7 +49,7 @@ def test_sweep_points_hold_their_budgets():
         assert moe_total - 256 * 16 < counts.total <= moe_total  # within one padding unit
     assert len(iso_param.runs(2)) == 6
     names = [r.name for r in ablations.runs()]
-    assert len(set(names)) == len(names) == 7
+    assert len(set(names)) == len(names) == 8
     ablated = {r.fields["variant"]: r.config.model.engram for r in ablations.runs()}
     assert ablated["deep_layer"].layer_ids == (3,) and not ablated["no_gate"].gated
     slots = [p.fields["slots"] for p in table_size.runs((100, 400, 1600))]

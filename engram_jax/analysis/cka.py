@@ -12,7 +12,6 @@ model is compared with itself. Writes the heatmap PNG and the matrix as CSV.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -42,7 +41,7 @@ def cka_matrix(states_a: list[jax.Array], states_b: list[jax.Array]) -> jax.Arra
 
 
 def plot(matrix: np.ndarray, label_a: str, label_b: str, path) -> None:
-    from engram_jax.plot import pyplot
+    from engram_jax.plot import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 1.0 * matrix.shape[0] + 1.8))
@@ -53,25 +52,15 @@ def plot(matrix: np.ndarray, label_a: str, label_b: str, path) -> None:
     ax.set(xlabel=f"{label_b} layer", ylabel=f"{label_a} layer", title="linear CKA",
            xticks=range(matrix.shape[1]), yticks=range(matrix.shape[0]))
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="run or checkpoints directory; give one or two")
+    parser = probe.command_parser(__doc__, "cka.png", compare=True)
     parser.add_argument("--sequences", type=int, default=8, help="validation windows to use")
-    parser.add_argument("--out", help="PNG path (default results/analysis/cka.png)")
     args = parser.parse_args(argv)
-    if len(args.checkpoint) > 2:
-        parser.error("give at most two --checkpoint")
     try:
-        checkpoints = [probe.load(path) for path in args.checkpoint]
-        probe.same_tokenizer(checkpoints[0], checkpoints[-1])
+        checkpoints = probe.load_to_compare(parser, args.checkpoint)
     except (FileNotFoundError, ValueError) as err:
         print(f"cka: {err}", file=sys.stderr)
         return 2

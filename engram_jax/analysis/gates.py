@@ -11,7 +11,6 @@ CSV with one row per token.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import pathlib
@@ -71,15 +70,11 @@ def plot(gates: dict[int, np.ndarray], token_texts: list[str], title: str, path,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--checkpoint", required=True, help="run or checkpoints directory")
+    parser = probe.command_parser(__doc__, "gates.png")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", help="the text to show")
     source.add_argument("--text-file", help="a UTF-8 file holding the text")
     parser.add_argument("--max-tokens", type=int, default=96, help="tokens shown (from the start)")
-    parser.add_argument("--out", help="PNG path (default results/analysis/gates.png)")
     args = parser.parse_args(argv)
     try:
         checkpoint = probe.load(args.checkpoint)

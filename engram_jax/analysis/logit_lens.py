@@ -11,7 +11,6 @@ sooner. Prints one JSON line per checkpoint and writes the PNG and a CSV beside 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -45,7 +44,7 @@ def lens_curve(checkpoint: probe.Checkpoint, tokens) -> list[float]:
 
 
 def plot(curves: list[tuple[str, list[float]]], path) -> None:
-    from engram_jax.plot import pyplot
+    from engram_jax.plot import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -56,26 +55,15 @@ def plot(curves: list[tuple[str, list[float]]], path) -> None:
     ax.set_xticks(range(max(len(v) for _, v in curves)))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="run or checkpoints directory; give one or two")
+    parser = probe.command_parser(__doc__, "logit_lens.png", compare=True)
     parser.add_argument("--sequences", type=int, default=16, help="validation windows to use")
-    parser.add_argument("--out", help="PNG path (default results/analysis/logit_lens.png)")
     args = parser.parse_args(argv)
-    if len(args.checkpoint) > 2:
-        parser.error("give at most two --checkpoint")
     try:
-        checkpoints = [probe.load(path) for path in args.checkpoint]
-        if len(checkpoints) == 2:
-            probe.same_tokenizer(*checkpoints)
+        checkpoints = probe.load_to_compare(parser, args.checkpoint)
     except (FileNotFoundError, ValueError) as err:
         print(f"logit_lens: {err}", file=sys.stderr)
         return 2

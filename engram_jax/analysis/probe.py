@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import pathlib
 
@@ -81,3 +82,27 @@ def figure_path(out: str | None, default: str) -> pathlib.Path:
     path = pathlib.Path(out) if out else pathlib.Path("results/analysis") / default
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def command_parser(doc: str, figure: str, compare: bool = False) -> argparse.ArgumentParser:
+    """An analysis command's parser from its module docstring, with --checkpoint (given once, or
+    once or twice when `compare`) and --out (default results/analysis/<figure>)."""
+    lines = doc.splitlines()
+    parser = argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[2:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if compare:
+        parser.add_argument("--checkpoint", action="append", required=True,
+                            help="run or checkpoints directory; give one or two")
+    else:
+        parser.add_argument("--checkpoint", required=True, help="run or checkpoints directory")
+    parser.add_argument("--out", help=f"PNG path (default results/analysis/{figure})")
+    return parser
+
+
+def load_to_compare(parser: argparse.ArgumentParser, paths: list[str]) -> list[Checkpoint]:
+    """One or two checkpoints that tokenise alike (the parser reports more than two)."""
+    if len(paths) > 2:
+        parser.error("give at most two --checkpoint")
+    checkpoints = [load(path) for path in paths]
+    same_tokenizer(checkpoints[0], checkpoints[-1])
+    return checkpoints

@@ -12,7 +12,6 @@ Writes the PNG and a CSV with one row per head.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -68,8 +67,8 @@ def table_usage(hasher: NgramHasher, tokens: np.ndarray) -> tuple[list[dict], di
     return rows, hits
 
 
-def plot(hits: dict, path) -> None:
-    from engram_jax.plot import pyplot
+def plot(hits: dict, n_head: int, path) -> None:
+    from engram_jax.plot import pyplot, save_figure
 
     plt = pyplot()
     layers = sorted({layer for layer, _ in hits})
@@ -79,23 +78,18 @@ def plot(hits: dict, path) -> None:
             if l != layer:
                 continue
             ranked = np.sort(counts[counts > 0])[::-1]
-            ax.loglog(np.arange(1, len(ranked) + 1), ranked, lw=1.2, label=f"head {head}")
+            ax.loglog(np.arange(1, len(ranked) + 1), ranked, lw=1.2,
+                      label=f"head {head} ({2 + head // n_head}-gram)")
         ax.set(xlabel="row rank", ylabel="hits", title=f"layer {layer}: hits per touched row")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--checkpoint", required=True, help="run or checkpoints directory")
+    parser = probe.command_parser(__doc__, "table_usage.png")
     parser.add_argument("--sequences", type=int, default=None,
                         help="validation windows to use (default: all of them)")
-    parser.add_argument("--out", help="PNG path (default results/analysis/table_usage.png)")
     args = parser.parse_args(argv)
     try:
         checkpoint = probe.load(args.checkpoint)
@@ -113,7 +107,7 @@ def main(argv=None) -> int:
                                   checkpoint.tokenizer.token_id(data_lib.EOD_TOKEN))
     rows, hits = table_usage(hasher, tokens)
     path = probe.figure_path(args.out, "table_usage.png")
-    plot(hits, path)
+    plot(hits, config.model.engram.n_head_per_ngram, path)
     with path.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()

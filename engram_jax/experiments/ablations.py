@@ -8,7 +8,9 @@ Each variant changes one thing in configs/engram_moe.yaml and keeps its tables:
   no_compression  hash raw token ids (engram.tokenizer_compression: false)
   no_short_conv   no short convolution (engram.short_conv: false)
   deep_layer      Engram in the last block (3) instead of block 1
-The full model and configs/moe.yaml (no Engram, same total parameters) are the references.
+The references: the full model, the full model at the next seed (its distance from the full
+model is the seed noise to read the other bars against), and configs/moe.yaml (no Engram, same
+total parameters).
 Writes results/ablations/runs.csv and ablations.png.
 """
 
@@ -18,7 +20,7 @@ import pathlib
 import sys
 
 from engram_jax.experiments import sweep
-from engram_jax.plot import pyplot
+from engram_jax.plot import pyplot, save_figure
 
 VARIANTS = (
     ("no_gate", {"gated": False}),
@@ -33,6 +35,8 @@ def runs(seed: int = 0, overrides=()) -> list[sweep.Run]:
     full = sweep.with_seed(sweep.sweep_config("engram_moe.yaml", overrides), seed)
     moe = sweep.with_seed(sweep.sweep_config("moe.yaml", overrides), seed)
     out = [sweep.Run(f"engram_moe-seed{seed}", full, {"variant": "full"}),
+           sweep.Run(f"engram_moe-seed{seed + 1}", sweep.with_seed(full, seed + 1),
+                     {"variant": "full, next seed"}),
            sweep.Run(f"moe-seed{seed}", moe, {"variant": "moe (no Engram)"})]
     out += [sweep.Run(f"{name}-seed{seed}", sweep.with_engram(full, **changes), {"variant": name})
             for name, changes in VARIANTS]
@@ -53,9 +57,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     ax.axvline(0, color="k", lw=0.8)
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 
 from engram_jax.accounting import allocate, count_parameters
 from engram_jax.experiments import sweep
-from engram_jax.plot import pyplot
+from engram_jax.plot import pyplot, save_figure
 
 DEFAULT_RHOS = (1.0, 0.875, 0.75, 0.5, 0.25, 0.0)
 
@@ -69,9 +69,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> dict:
            title=f"allocation at {rows[0]['params_total']:,} total parameters")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return fit
 
 

@@ -15,7 +15,7 @@ import pathlib
 import sys
 
 from engram_jax.experiments import sweep
-from engram_jax.plot import pyplot
+from engram_jax.plot import pyplot, save_figure
 
 MODELS = (("dense", "dense.yaml"), ("moe", "moe.yaml"), ("engram_moe", "engram_moe.yaml"))
 
@@ -50,9 +50,7 @@ def plot(rows: list[dict], summary: list[dict], path: pathlib.Path) -> None:
                           "active" for s in summary],
              title="final validation loss (bar: mean, line: std, dots: seeds)")
     bars.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

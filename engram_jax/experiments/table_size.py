@@ -18,7 +18,7 @@ import numpy as np
 
 from engram_jax.experiments import sweep
 from engram_jax.hashing import head_table_sizes
-from engram_jax.plot import pyplot
+from engram_jax.plot import pyplot, save_figure
 
 DEFAULT_SIZES = (528, 2112, 8450, 33800, 135200)
 
@@ -60,9 +60,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> dict:
            title="table size sweep (backbone fixed)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return fit
 
 
