@@ -70,6 +70,7 @@ def test_table_usage_counts_agree_with_a_brute_force_count():
     rows, hits = table_usage.table_usage(hasher, tokens)
     ids = hasher(tokens)[1]
     assert len(rows) == config.num_heads
+    collided = {2: [], 3: []}
     for row in rows:
         head_ids = ids[..., row["head"]].reshape(-1)
         assert row["rows_touched"] == len(set(head_ids.tolist()))
@@ -84,6 +85,11 @@ def test_table_usage_counts_agree_with_a_brute_force_count():
         shared = [key for keys in owners.values() if len(keys) > 1 for key in keys]
         assert row["distinct_ngrams"] == len(distinct)
         assert row["ngram_collision_rate"] == pytest.approx(len(shared) / len(distinct))
+        collided[row["order"]].append(set(shared))
+    for row in rows:  # shared in every head of the order
+        everywhere = set.intersection(*collided[row["order"]])
+        assert row["all_heads_ngram_collision_rate"] == pytest.approx(
+            len(everywhere) / row["distinct_ngrams"])
 
 
 def test_logit_lens_kl_of_the_last_layer_is_zero(tiny_run, tmp_path):

@@ -55,14 +55,15 @@ def plot(gates: dict[int, np.ndarray], token_texts: list[str], title: str, path,
     matrix = np.stack([gates[layer][:, branch] for layer, branch in rows])  # (rows, L)
     chunks = [range(s, min(s + per_row, len(token_texts))) for s in range(0, len(token_texts),
                                                                           per_row)]
-    fig, axes = plt.subplots(len(chunks), 1, squeeze=False,
-                             figsize=(0.28 * per_row + 2.5, (0.32 * len(rows) + 1.1) * len(chunks)))
+    fig, axes = plt.subplots(len(chunks), 1, squeeze=False, layout="constrained",
+                             figsize=(0.28 * per_row + 2.5, (0.32 * len(rows) + 1.6) * len(chunks)))
     for ax, chunk in zip(axes[:, 0], chunks):
-        image = ax.imshow(matrix[:, chunk.start:chunk.stop], vmin=0, vmax=1, cmap="magma",
-                          aspect="auto")
+        part = np.full((len(rows), per_row), np.nan)  # every row of cells equally wide
+        part[:, :len(chunk)] = matrix[:, chunk.start:chunk.stop]
+        image = ax.imshow(part, vmin=0, vmax=1, cmap="magma", aspect="auto")
         ax.set_yticks(range(len(rows)), [f"layer {l} branch {b}" for l, b in rows], fontsize=7)
         ax.set_xticks(range(len(chunk)), [repr(token_texts[i])[1:-1] for i in chunk],
-                      rotation=90, fontsize=7, family="monospace")
+                      rotation=90, fontsize=7, family="monospace", va="top", ha="center")
     axes[0, 0].set_title(title)
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="gate", shrink=0.8)
     fig.savefig(path, dpi=110, bbox_inches="tight")

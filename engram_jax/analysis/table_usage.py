@@ -5,8 +5,9 @@
 
 Per hash head: how many of its rows the validation tokens touch, the distribution of hits per
 row (a rank/frequency "Zipf" plot, log-log), and the collision rate: the share of distinct
-(compressed) n-grams whose row also holds another distinct n-gram seen, and the share of tokens
-that read such a shared row. Only the tokenizer and the config are used, not the weights.
+(compressed) n-grams whose row also holds another distinct n-gram seen, the share of tokens
+that read such a shared row, and the share of n-grams that share a row in every head of their
+order (what multi-head hashing keeps low). Only the tokenizer and the config are used, not the weights.
 Writes the PNG and a CSV with one row per head.
 """
 
@@ -32,14 +33,19 @@ def ngram_keys(compressed: np.ndarray, order: int, pad_id: int,
     return np.stack(columns, axis=-1).reshape(-1, order)
 
 
+def shared_ngrams(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For n-gram keys (N, n) and their rows (N,): (bool per distinct n-gram, in sorted key
+    order: its row also holds another distinct n-gram; index (N,) of each position's n-gram)."""
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    _, row_index, per_row = np.unique(rows[first], return_inverse=True, return_counts=True)
+    return per_row[row_index] > 1, inverse.reshape(-1)
+
+
 def collision_rates(keys: np.ndarray, rows: np.ndarray) -> tuple[float, float, int]:
     """(share of distinct n-grams sharing a row with another, share of positions reading such
     a row, number of distinct n-grams) for n-gram keys (N, n) and their rows (N,)."""
-    unique, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    unique_rows = rows[first]
-    _, row_index, per_row = np.unique(unique_rows, return_inverse=True, return_counts=True)
-    shared = per_row[row_index] > 1
-    return float(shared.mean()), float(shared[inverse.reshape(-1)].mean()), len(unique)
+    shared, inverse = shared_ngrams(keys, rows)
+    return float(shared.mean()), float(shared[inverse].mean()), len(shared)
 
 
 def table_usage(hasher: NgramHasher, tokens: np.ndarray) -> tuple[list[dict], dict]:
@@ -48,22 +54,29 @@ def table_usage(hasher: NgramHasher, tokens: np.ndarray) -> tuple[list[dict], di
     compressed = hasher.compressor(np.asarray(tokens))
     segments = (segment_ids_from_separator(tokens, hasher.separator_id)
                 if config.reset_at_document_boundary else None)
+    keys = {order: ngram_keys(compressed, order, hasher.pad_id, segments)
+            for order in range(2, config.max_ngram_size + 1)}
     rows, hits = [], {}
     for layer, ids in hasher(tokens).items():
+        in_every_head = {}  # order -> distinct n-grams that share a row in all of its heads
         for head in range(ids.shape[-1]):
             order = 2 + head // config.n_head_per_ngram
             size = int(hasher.table_sizes[layer][head])
             head_rows = ids[..., head].reshape(-1)
             counts = np.bincount(head_rows, minlength=size)
-            ngram_rate, token_rate, distinct = collision_rates(
-                ngram_keys(compressed, order, hasher.pad_id, segments), head_rows)
+            shared, inverse = shared_ngrams(keys[order], head_rows)
+            in_every_head[order] = in_every_head.get(order, shared) & shared
             hits[(layer, head)] = counts
             rows.append({"layer": layer, "head": head, "order": order, "table_size": size,
-                         "tokens": head_rows.size, "distinct_ngrams": distinct,
+                         "tokens": head_rows.size, "distinct_ngrams": len(shared),
                          "rows_touched": int(np.count_nonzero(counts)),
                          "fraction_touched": float(np.count_nonzero(counts) / size),
                          "max_hits": int(counts.max()),
-                         "ngram_collision_rate": ngram_rate, "token_collision_rate": token_rate})
+                         "ngram_collision_rate": float(shared.mean()),
+                         "token_collision_rate": float(shared[inverse].mean())})
+        for row in rows:
+            if row["layer"] == layer:
+                row["all_heads_ngram_collision_rate"] = float(in_every_head[row["order"]].mean())
     return rows, hits
 
 
