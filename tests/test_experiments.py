@@ -42,8 +42,9 @@ def test_summarise_gives_mean_and_sample_std():
 
 def test_sweep_points_hold_their_budgets():
     moe_total = count_parameters(sweep.sweep_config("moe.yaml").model).total
-    points = allocation.runs((1.0, 0.5, 0.0))
-    assert [p.fields["rho"] for p in points][::2] == [1.0, 0.0]
+    points = allocation.runs((1.0, 0.5, 0.0), seeds=2)
+    assert [p.config.train.seed for p in points] == [0, 0, 0, 1, 1, 1]
+    assert [p.fields["rho"] for p in points][:3:2] == [1.0, 0.0]
     for p in points:
         counts = count_parameters(p.config.model)
         assert moe_total - 256 * 16 < counts.total <= moe_total  # within one padding unit
@@ -60,3 +61,15 @@ def test_log_fit_recovers_a_known_line():
     slots = np.array([1e3, 1e4, 1e5, 1e6])
     fit = table_size.log_fit(slots, 4.0 - 0.05 * np.log(slots))
     assert fit["slope_per_e"] == pytest.approx(-0.05) and fit["r2"] == pytest.approx(1.0)
+
+
+def test_paired_differences_are_taken_at_equal_seeds():
+    rows = [{"model": m, "seed": seed, "val_loss": v, "val_bits_per_byte": 0.0,
+             "params_total": 1, "params_active": 1}
+            for m, seed, v in (("moe", 0, 5.0), ("moe", 1, 4.0), ("engram_moe", 0, 4.9),
+                               ("engram_moe", 1, 4.2))]
+    summary = sweep.summarise(rows, "model")
+    iso_param.paired_differences(rows, summary)
+    assert summary[0]["minus_moe_mean"] == 0.0
+    assert summary[1]["minus_moe_mean"] == pytest.approx(0.05)
+    assert summary[1]["minus_moe_per_seed"] == "-0.1000 +0.2000"

@@ -22,6 +22,7 @@ import sys
 from engram_jax.experiments import sweep
 from engram_jax.plot import pyplot, save_figure
 
+REFERENCES = ("full", "full, next seed", "moe (no Engram)")
 VARIANTS = (
     ("no_gate", {"gated": False}),
     ("single_fusion", {"fusion": "single"}),
@@ -34,10 +35,10 @@ VARIANTS = (
 def runs(seed: int = 0, overrides=()) -> list[sweep.Run]:
     full = sweep.with_seed(sweep.sweep_config("engram_moe.yaml", overrides), seed)
     moe = sweep.with_seed(sweep.sweep_config("moe.yaml", overrides), seed)
-    out = [sweep.Run(f"engram_moe-seed{seed}", full, {"variant": "full"}),
+    out = [sweep.Run(f"engram_moe-seed{seed}", full, {"variant": REFERENCES[0]}),
            sweep.Run(f"engram_moe-seed{seed + 1}", sweep.with_seed(full, seed + 1),
-                     {"variant": "full, next seed"}),
-           sweep.Run(f"moe-seed{seed}", moe, {"variant": "moe (no Engram)"})]
+                     {"variant": REFERENCES[1]}),
+           sweep.Run(f"moe-seed{seed}", moe, {"variant": REFERENCES[2]})]
     out += [sweep.Run(f"{name}-seed{seed}", sweep.with_engram(full, **changes), {"variant": name})
             for name, changes in VARIANTS]
     return out
@@ -45,15 +46,16 @@ def runs(seed: int = 0, overrides=()) -> list[sweep.Run]:
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
     plt = pyplot()
-    full = next(r["val_loss"] for r in rows if r["variant"] == "full")
+    full = next(r["val_loss"] for r in rows if r["variant"] == REFERENCES[0])
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     names = [r["variant"] for r in rows]
     deltas = [r["val_loss"] - full for r in rows]
-    colours = ["tab:red" if d > 0 else "tab:green" for d in deltas]
+    colours = ["tab:gray" if name in REFERENCES else "tab:red" if d > 0 else "tab:green"
+               for name, d in zip(names, deltas)]
     ax.barh(range(len(rows)), deltas, color=colours, alpha=0.7)
     ax.set(yticks=range(len(rows)), yticklabels=names,
            xlabel="validation loss minus the full Engram-MoE's (nats/token)",
-           title=f"ablations (full model: {full:.4f})")
+           title=f"ablations (full model: {full:.4f}; gray: references)")
     ax.axvline(0, color="k", lw=0.8)
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")

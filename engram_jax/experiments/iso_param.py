@@ -26,6 +26,17 @@ def runs(seeds: int, overrides=()) -> list[sweep.Run]:
             for name, preset in MODELS for seed in range(seeds)]
 
 
+def paired_differences(rows: list[dict], summary: list[dict], reference: str = "moe") -> None:
+    """Adds to each summary row its validation loss minus the reference model's at the same
+    seed (same initialisation seed and data order): the mean and each seed's difference."""
+    base = {r["seed"]: float(r["val_loss"]) for r in rows if r["model"] == reference}
+    for s in summary:
+        diffs = [float(r["val_loss"]) - base[r["seed"]] for r in rows
+                 if r["model"] == s["model"] and r["seed"] in base]
+        s[f"minus_{reference}_mean"] = sum(diffs) / len(diffs) if diffs else float("nan")
+        s[f"minus_{reference}_per_seed"] = " ".join(f"{d:+.4f}" for d in diffs)
+
+
 def plot(rows: list[dict], summary: list[dict], path: pathlib.Path) -> None:
     plt = pyplot()
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -61,11 +72,13 @@ def main(argv=None) -> int:
     rows = sweep.run_sweep(runs(args.seeds, args.overrides), out, pathlib.Path(args.runs),
                            not args.no_progress)
     summary = sweep.summarise(rows, "model")
+    paired_differences(rows, summary)
     sweep.write_csv(summary, out / "summary.csv")
     plot(rows, summary, out / "iso_param.png")
     print(sweep.markdown_table(summary, ["model", "runs", "params_total", "params_active",
                                          "val_loss_mean", "val_loss_std",
-                                         "val_bits_per_byte_mean", "val_bits_per_byte_std"]))
+                                         "val_bits_per_byte_mean", "val_bits_per_byte_std",
+                                         "minus_moe_mean", "minus_moe_per_seed"]))
     return 0
 
 
