@@ -23,8 +23,10 @@ bench: $(STAMP)
 	$(VPY) bench/hash_throughput.py
 
 experiments: $(STAMP)
-	for sweep in iso_param allocation table_size ablations; do \
-		$(VPY) -m engram_jax.experiments.$$sweep || exit 1; done
+	$(VPY) -m engram_jax.experiments.iso_param --seeds 3
+	$(VPY) -m engram_jax.experiments.allocation
+	$(VPY) -m engram_jax.experiments.table_size
+	$(VPY) -m engram_jax.experiments.ablations
 
 clean:
 	rm -rf $(VENV) .pytest_cache

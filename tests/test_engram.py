@@ -224,8 +224,8 @@ def test_ungated_module_adds_the_value_on_every_stream(compressor):
     memory = module.embed(ids)
     chex.assert_trees_all_equal(module.gates(hidden, memory), jnp.ones((B, L, G)))
     value = memory @ module.value_kernel[...] + module.value_bias[...]
-    chex.assert_trees_all_close(module(hidden, ids), jnp.broadcast_to(value[:, :, None], (B, L, G, D)),
-                                atol=1e-6)
+    chex.assert_trees_all_close(module(hidden, ids),
+                                jnp.broadcast_to(value[:, :, None], (B, L, G, D)), atol=1e-6)
 
 
 def test_without_short_conv_the_output_is_the_gated_value(compressor):

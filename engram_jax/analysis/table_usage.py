@@ -7,8 +7,8 @@ Per hash head: how many of its rows the validation tokens touch, the distributio
 row (a rank/frequency "Zipf" plot, log-log), and the collision rate: the share of distinct
 (compressed) n-grams whose row also holds another distinct n-gram seen, the share of tokens
 that read such a shared row, and the share of n-grams that share a row in every head of their
-order (what multi-head hashing keeps low). Only the tokenizer and the config are used, not the weights.
-Writes the PNG and a CSV with one row per head.
+order (what multi-head hashing keeps low). Only the tokenizer and the config are used, not the
+weights. Writes the PNG and a CSV with one row per head.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Dense vs MoE vs Engram-MoE at matched parameters, several seeds (docs/RESULTS.md §1).
 
-  python -m engram_jax.experiments.iso_param [--seeds 2] [dotted.key=value ...]
+  python -m engram_jax.experiments.iso_param [--seeds 2] [--models moe engram_moe]
+      [dotted.key=value ...]
 
 Models: configs/dense.yaml (the MoE's active parameters, dense), configs/moe.yaml, and
 configs/engram_moe.yaml (the MoE's total parameters, a quarter of the routed experts' share
@@ -20,10 +21,10 @@ from engram_jax.plot import pyplot, save_figure
 MODELS = (("dense", "dense.yaml"), ("moe", "moe.yaml"), ("engram_moe", "engram_moe.yaml"))
 
 
-def runs(seeds: int, overrides=()) -> list[sweep.Run]:
+def runs(seeds: int, overrides=(), models=tuple(name for name, _ in MODELS)) -> list[sweep.Run]:
     return [sweep.Run(f"{name}-seed{seed}",
                       sweep.with_seed(sweep.sweep_config(preset, overrides), seed), {"model": name})
-            for name, preset in MODELS for seed in range(seeds)]
+            for name, preset in MODELS if name in models for seed in range(seeds)]
 
 
 def paired_differences(rows: list[dict], summary: list[dict], reference: str = "moe") -> None:
@@ -67,10 +68,12 @@ def plot(rows: list[dict], summary: list[dict], path: pathlib.Path) -> None:
 def main(argv=None) -> int:
     p = sweep.parser(__doc__)
     p.add_argument("--seeds", type=int, default=2, help="seeds per model (default 2)")
+    p.add_argument("--models", nargs="+", choices=[name for name, _ in MODELS],
+                   default=[name for name, _ in MODELS], help="which models (default all)")
     args = p.parse_args(argv)
     out = pathlib.Path(args.results) / "iso_param"
-    rows = sweep.run_sweep(runs(args.seeds, args.overrides), out, pathlib.Path(args.runs),
-                           not args.no_progress)
+    rows = sweep.run_sweep(runs(args.seeds, args.overrides, args.models), out,
+                           pathlib.Path(args.runs), not args.no_progress)
     summary = sweep.summarise(rows, "model")
     paired_differences(rows, summary)
     sweep.write_csv(summary, out / "summary.csv")

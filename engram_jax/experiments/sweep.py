@@ -1,8 +1,9 @@
 """Shared machinery of the experiment sweeps: configs, one training run per config, CSV rows.
 
 A run's directory is named after the run and a digest of its config, so a run already finished
-(by this sweep or another one, under any name) is read back from its `result.json` instead of being trained again, and an
-interrupted sweep resumes where it stopped (a half-finished run resumes from its checkpoint).
+(by this sweep or another one, under any name) is read back from its `result.json` instead of
+being trained again, and an interrupted sweep resumes where it stopped (a half-finished run
+resumes from its checkpoint). Presets are read from the repository's `configs/`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Run:
 def sweep_config(model_preset: str, overrides: Sequence[str] = ()) -> Config:
     """`configs/<model_preset>` with `configs/sweep.yaml`'s data and training settings over it,
     then dotted `overrides` (e.g. "train.seed=1")."""
-    values = merge_nested(load_yaml(CONFIG_DIR / model_preset), load_yaml(CONFIG_DIR / SWEEP_PRESET))
+    values = merge_nested(load_yaml(CONFIG_DIR / model_preset),
+                          load_yaml(CONFIG_DIR / SWEEP_PRESET))
     return from_dict(Config, apply_overrides(values, list(overrides)))
 
 
