@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--config", default="configs/small.yaml", help="YAML preset")
+    parser.add_argument("--config", default="configs/small.yaml",
+                        help="YAML file, or the name of a packaged preset (tiny, small, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs")
     parser.add_argument("--num-processes", type=int, default=1)
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 2
-    from engram_jax.trainer import NonFiniteLoss, train
+    from engram_jax.train.loop import train
+    from engram_jax.train.metrics import NonFiniteLoss
 
     try:
         train(config, progress=not args.no_progress)

@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from engram_jax.compression import CompressedTokenizer
 from engram_jax.config import EngramConfig
-from engram_jax.hashing import NgramHasher
+from engram_jax.data.compression import CompressedTokenizer
+from engram_jax.data.hashing import NgramHasher
 
 DEEPSEEK_V3_VOCAB = 129280  # the demo's tokenizer; its compressed size is not needed for speed
 

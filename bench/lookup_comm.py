@@ -3,7 +3,8 @@
 For one table and batch, compiles the forward and backward of a lookup (loss = sum of squares of
 the looked-up rows) both ways on a data=2 x fsdp=4 mesh with the table split by rows over all 8
 devices, and prints the bytes each device sends per step by kind of collective (read from the
-compiled HLO, ring-algorithm estimate: `engram_jax.hlo.Collective.traffic`) and the median step
+compiled HLO, ring-algorithm estimate: `engram_jax.sharding.hlo.Collective.traffic`) and the
+median step
 time of each, with their ratio measured in the same run.
 
 Usage: python bench/lookup_comm.py [--rows 1048576] [--width 64] [--batch 32] [--length 512]
@@ -27,9 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from engram_jax import hlo  # noqa: E402
-from engram_jax.sharding import (BATCH_AXES, MESH_AXES, ShardingConfig, make_mesh,  # noqa: E402
-                                 routed_lookup, use_mesh)
+from engram_jax.config import ShardingConfig  # noqa: E402
+from engram_jax.sharding import hlo  # noqa: E402
+from engram_jax.sharding import (BATCH_AXES, MESH_AXES, make_mesh, routed_lookup,  # noqa: E402
+                                 use_mesh)
 
 
 def main() -> None:

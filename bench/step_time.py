@@ -22,12 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax.compression import CompressedTokenizer
-from engram_jax.config import TrainConfig, load_model_config
-from engram_jax.hashing import NgramHasher
-from engram_jax.model import Transformer
-from engram_jax.optim import make_optimizer
-from engram_jax.trainer import _train_step
+from engram_jax.config import Config, load_model_config
+from engram_jax.data.compression import CompressedTokenizer
+from engram_jax.data.hashing import NgramHasher
+from engram_jax.train.step import create_train_state, train_step
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -58,11 +56,10 @@ def main() -> None:
                           "hash_ids": {k: jnp.asarray(v)
                                        for k, v in hasher(tokens[:, :-1]).items()}},
                "no_engram": {"tokens": jnp.asarray(tokens), "hash_ids": {}}}
-    step = nnx.jit(_train_step, static_argnums=(3,), donate_argnums=(0, 1))
+    step = nnx.jit(train_step, static_argnums=(3,), donate_argnums=(0, 1))
     states, compile_s = {}, {}
     for name, variant in variants.items():
-        model = Transformer(variant, rngs=nnx.Rngs(0))
-        optimizer = nnx.Optimizer(model, make_optimizer(TrainConfig()), wrt=nnx.Param)
+        model, optimizer = create_train_state(Config(model=variant))
         start = time.perf_counter()
         jax.block_until_ready(step(model, optimizer, batches[name], 1))
         compile_s[name] = time.perf_counter() - start

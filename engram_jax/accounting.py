@@ -1,9 +1,11 @@
 """Parameter and FLOP accounting on abstract shapes (nothing is allocated), and the
-iso-parameter allocation between routed experts and Engram tables (paper §3.1, DESIGN §5).
+iso-parameter allocation between routed experts and Engram tables (paper §3.1;
+docs/ARCHITECTURE.md, "Accounting").
 
 P_tot counts every parameter except the token embedding and the LM head; P_act those a token
 uses (routed experts at top_k / num_routed, Engram tables at the K rows a token reads);
-P_sparse = P_tot - P_act.
+P_sparse = P_tot - P_act. An Engram table's padding rows (`engram_jax.table_layout`) are never
+addressed: they are memory, not parameters, and are counted apart.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import functools
 
 from flax import nnx
 
-from engram_jax.config import EngramConfig, ModelConfig
-from engram_jax.model import Transformer
+from engram_jax.config.schema import EngramConfig, ModelConfig
+from engram_jax.nn.model import Transformer
+from engram_jax.table_layout import table_layout
 
 ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
@@ -27,7 +30,8 @@ class ParamCounts:
     active: int  # P_act
     embedding: int  # token embedding + LM head (excluded from total and active)
     routed_experts: int
-    engram_tables: int
+    engram_tables: int  # rows a hash id can address
+    engram_table_padding: int  # allocated rows no id addresses (in no other count)
     engram_other: int  # Engram projections, norms and conv
     flops_per_token: int  # training FLOPs per token at `seq_len`
     seq_len: int
@@ -35,9 +39,6 @@ class ParamCounts:
     @property
     def sparse(self) -> int:
         return self.total - self.active
-
-    def as_dict(self) -> dict[str, int]:
-        return {**dataclasses.asdict(self), "sparse": self.sparse}
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,9 +61,14 @@ def count_parameters(config: ModelConfig, seq_len: int = 4096) -> ParamCounts:
     Training FLOPs per token: 6 x the active matmul parameters (LM head included, embedding and
     table lookups excluded) plus 12 x layers x heads x head_dim x seq_len for attention.
     """
-    totals = dict(total=0, active=0, embedding=0, routed=0, tables=0, engram_other=0, matmul=0)
+    totals = dict(total=0, active=0, embedding=0, routed=0, tables=0, padding=0, engram_other=0,
+                  matmul=0)
     moe = config.moe
     for path, size in _parameter_shapes(config):
+        if path[0] == "blocks" and path[2] == "engram" and path[3] == "table":
+            layout = table_layout(config.engram)[path[1]]
+            totals["padding"] += layout.padding * config.engram.head_dim
+            size = layout.rows * config.engram.head_dim
         if path[0] in ("embed", "head"):
             totals["embedding"] += size
             if path[0] == "head" or config.tie_embeddings:
@@ -88,7 +94,8 @@ def count_parameters(config: ModelConfig, seq_len: int = 4096) -> ParamCounts:
     attention = 12 * config.num_layers * config.num_heads * config.attention_head_dim * seq_len
     return ParamCounts(total=totals["total"], active=totals["active"],
                        embedding=totals["embedding"], routed_experts=totals["routed"],
-                       engram_tables=totals["tables"], engram_other=totals["engram_other"],
+                       engram_tables=totals["tables"], engram_table_padding=totals["padding"],
+                       engram_other=totals["engram_other"],
                        flops_per_token=6 * totals["matmul"] + attention, seq_len=seq_len)
 
 
@@ -118,8 +125,8 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig) -> ModelConfig
     rows = (target - probe_counts.total + probe_counts.engram_tables) // engram.head_dim
     heads = len(engram.layer_ids) * engram.num_heads
     per_head = rows // heads
-    # Primes sit a little above each start and tables are padded: step the start down until the
-    # total no longer exceeds the base's (it then falls short by less than one padding unit).
+    # Primes sit a little above each start: step the start down until the total no longer
+    # exceeds the base's (it then falls short by a few rows per head).
     for _ in range(8):
         if per_head < 2:
             raise ValueError(f"rho={rho} leaves too few parameters for Engram tables")

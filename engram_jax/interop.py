@@ -1,4 +1,4 @@
-"""Loading the reference demo's PyTorch `Engram` weights into `engram_jax.engram.Engram`.
+"""Loading the reference demo's PyTorch `Engram` weights into `engram_jax.nn.engram.Engram`.
 
 The state dict is a mapping of numpy arrays under the demo's own parameter names
 (`torch_module.state_dict()` with each tensor turned into `.numpy()`):
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from engram_jax.engram import Engram
+from engram_jax.nn.engram import Engram
 
 
 def reference_engram_params(state_dict: Mapping[str, np.ndarray], hc_mult: int,
@@ -69,15 +69,17 @@ def load_reference_state_dict(module: Engram, state_dict: Mapping[str, np.ndarra
     """
     params = reference_engram_params(state_dict, module.hc_mult, module.hidden_size)
     offsets = params.pop("offsets")
-    if tuple(int(o) for o in offsets) != module.offsets:
+    if tuple(int(o) for o in offsets) != module.layout.offsets:
         raise ValueError(f"reference table offsets {offsets.tolist()} differ from layer "
-                         f"{module.layer_id}'s {list(module.offsets)}: different table sizes")
+                         f"{module.layer_id}'s {list(module.layout.offsets)}: different table "
+                         "sizes")
     for name, value in params.items():
         variable = getattr(module, name)
-        expected = (module.num_rows, variable.shape[1]) if name == "table" else variable.shape
+        rows = module.layout.rows
+        expected = (rows, variable.shape[1]) if name == "table" else variable.shape
         if value.shape != expected:
             raise ValueError(f"{name}: reference shape {value.shape} != module shape {expected}")
         value = jnp.asarray(value, dtype=variable.dtype)
         # The table's padding rows (never addressed) keep their values.
-        variable[...] = variable[...].at[:module.num_rows].set(value) if name == "table" else value
+        variable[...] = variable[...].at[:rows].set(value) if name == "table" else value
     return module

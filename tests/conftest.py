@@ -10,16 +10,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-DATA_DIR = pathlib.Path(__file__).parent / "data"
 SENTENCES = ["the quick brown fox jumps over the lazy dog.",
              "a journey of a thousand miles begins with a single step.",
              "to be or not to be, that is the question.",
              "all that glitters is not gold; all who wander are not lost."]
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> pathlib.Path:
-    return DATA_DIR
 
 
 @pytest.fixture(scope="session")

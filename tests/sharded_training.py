@@ -1,20 +1,19 @@
 """A few SGD steps of `tiny` (the trainer's own step) on a mesh, shared by the multi-host test
 and its worker."""
 
-import pathlib
-
 import numpy as np
 import optax
 from flax import nnx
 
-from engram_jax.compression import CompressedTokenizer
+from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.config import load_model_config
-from engram_jax.hashing import NgramHasher
-from engram_jax.model import Transformer
-from engram_jax.sharding import ShardingConfig, global_batch, make_mesh, use_mesh
-from engram_jax.trainer import _train_step
+from engram_jax.data.hashing import NgramHasher
+from engram_jax.nn.model import Transformer
+from engram_jax.config import ShardingConfig
+from engram_jax.sharding import global_batch, make_mesh, use_mesh
+from engram_jax.train.step import train_step
 
-TINY = load_model_config(pathlib.Path(__file__).parent.parent / "configs" / "tiny.yaml")
+TINY = load_model_config("tiny")
 GLOBAL_BATCH, LENGTH = 8, 16
 
 
@@ -27,7 +26,7 @@ def batch(step: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     return tokens, hasher(tokens[:, :-1])
 
 
-train_step = nnx.jit(_train_step, static_argnums=(3,))
+jitted_step = nnx.jit(train_step, static_argnums=(3,))
 
 
 def run_steps(steps: int, process_id: int = 0, num_processes: int = 1,
@@ -45,7 +44,7 @@ def run_steps(steps: int, process_id: int = 0, num_processes: int = 1,
                              (process_id + 1) * GLOBAL_BATCH // num_processes)
                 tokens = global_batch(tokens[rows], mesh)
                 hash_ids = {k: global_batch(v[rows], mesh) for k, v in hash_ids.items()}
-            metrics = train_step(model, optimizer, {"tokens": tokens, "hash_ids": hash_ids}, 1)
+            metrics = jitted_step(model, optimizer, {"tokens": tokens, "hash_ids": hash_ids}, 1)
             losses.append(float(metrics["loss"]))
         return losses
 

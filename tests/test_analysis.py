@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 
 from engram_jax.analysis import cka, gates, logit_lens, probe, table_usage
-from engram_jax.compression import CompressedTokenizer
+from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.config import load_config
-from engram_jax.hashing import NgramHasher
-from engram_jax.model import Transformer
-from engram_jax.trainer import train
+from engram_jax.data.hashing import NgramHasher
+from engram_jax.nn.model import Transformer
+from engram_jax.train.loop import train
 from conftest import tiny_text_overrides
 
 ROOT = pathlib.Path(__file__).parent.parent

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
-from engram_jax.compression import CompressedTokenizer, build_compression_lookup
-from engram_jax.tokenizer import TextTokenizer, load_tokenizer
+from engram_jax.data.compression import CompressedTokenizer, build_compression_lookup
+from engram_jax.data.tokenizer import TextTokenizer, load_tokenizer
 from reference import TOKENIZER_DIR, load_case
 
 

@@ -103,3 +103,17 @@ def test_values_are_type_checked_and_numbers_coerced(tmp_path):
         load_config(tmp_path / "c.yaml", ["train.stepz=1"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(tmp_path / "c.yaml", ["train.steps"])
+
+
+def test_presets_ship_with_the_package_and_load_by_name(tmp_path, monkeypatch):
+    from engram_jax.config import config_path, load_config, preset_names
+
+    assert preset_names() == sorted(p.name for p in CONFIGS.glob("*.yaml"))
+    monkeypatch.chdir(tmp_path)  # away from the source tree's configs/
+    for name in ("tiny", "tiny.yaml", "configs/tiny.yaml"):
+        assert load_config(name) == load_config(CONFIGS / "tiny.yaml"), name
+    assert config_path("small").read_text() == (CONFIGS / "small.yaml").read_text()
+    with pytest.raises(FileNotFoundError, match="nope does not exist .*presets: dense, "):
+        load_config("nope")
+    with pytest.raises(FileNotFoundError, match="elsewhere/tiny.yaml does not exist"):
+        load_config("elsewhere/tiny.yaml")

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from engram_jax import corpus, data
-from engram_jax.compression import CompressedTokenizer
+from engram_jax.data import corpus, pipeline, prepare, shards
+from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.config import DataConfig, EngramConfig
-from engram_jax.hashing import NgramHasher
+from engram_jax.data.hashing import NgramHasher
 
 ENGRAM = EngramConfig(vocab_size_per_ngram=(101, 103), n_embed_per_ngram=16, n_head_per_ngram=2,
                       layer_ids=(0, 2), pad_id=1)
@@ -79,15 +79,15 @@ def test_data_config_errors():
 
 
 def test_packing_keeps_every_token_and_ends_documents():
-    from engram_jax.tokenizer import train_bpe_tokenizer
+    from engram_jax.data.tokenizer import train_bpe_tokenizer
 
     texts = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota"] * 5
     tokenizer = train_bpe_tokenizer(texts, 300)
-    eod = tokenizer.token_id(data.EOD_TOKEN)
-    stream = data.tokenize_stream(tokenizer, texts, eod)
+    eod = tokenizer.token_id(prepare.EOD_TOKEN)
+    stream = prepare.tokenize_stream(tokenizer, texts, eod)
     assert (stream == eod).sum() == len(texts) and stream[-1] == eod
     assert tokenizer.decode(stream[:np.argmax(stream == eod)].tolist()) == texts[0]
-    windows = data.Windows(stream, 8)
+    windows = pipeline.Windows(stream, 8)
     np.testing.assert_array_equal(np.concatenate([windows[i][:-1] for i in range(len(windows))]),
                                   stream[:len(windows) * 8])
     np.testing.assert_array_equal(windows[0][-1], windows[1][0])  # targets overlap the next input
@@ -99,7 +99,7 @@ def _stream(n=4000, vocab=64):
 
 def test_pipeline_hash_ids_equal_the_hashing_module():
     hasher = _hasher(reset=True)
-    batch = next(iter(data.batches(_stream(), 16, 4, hasher, seed=0)))
+    batch = next(iter(pipeline.batches(_stream(), 16, 4, hasher, seed=0)))
     assert batch["tokens"].shape == (4, 17) and batch["tokens"].dtype == np.int32
     expected = hasher(batch["tokens"][:, :-1])
     assert batch["hash_ids"].keys() == expected.keys()
@@ -108,21 +108,21 @@ def test_pipeline_hash_ids_equal_the_hashing_module():
 
 
 def test_iterator_restores_to_the_next_batch():
-    dataset = data.batches(_stream(), 16, 4, _hasher(), seed=3)
+    dataset = pipeline.batches(_stream(), 16, 4, _hasher(), seed=3)
     iterator = iter(dataset)
     for _ in range(5):
         next(iterator)
     state = iterator.get_state()
     expected = [next(iterator)["tokens"] for _ in range(3)]
-    restored = iter(data.batches(_stream(), 16, 4, _hasher(), seed=3))
+    restored = iter(pipeline.batches(_stream(), 16, 4, _hasher(), seed=3))
     restored.set_state(state)
     for want in expected:
         np.testing.assert_array_equal(next(restored)["tokens"], want)
 
 
 def test_two_processes_see_the_same_global_batches():
-    single = iter(data.batches(_stream(), 16, 4, _hasher(), seed=1))
-    halves = [iter(data.batches(_stream(), 16, 4, _hasher(), seed=1, process_index=i,
+    single = iter(pipeline.batches(_stream(), 16, 4, _hasher(), seed=1))
+    halves = [iter(pipeline.batches(_stream(), 16, 4, _hasher(), seed=1, process_index=i,
                                 process_count=2)) for i in range(2)]
     for _ in range(40):  # past the end of the first epoch (62 windows / 4 = 15 batches)
         whole = next(single)
@@ -134,8 +134,8 @@ def test_two_processes_see_the_same_global_batches():
 
 
 def test_epochs_are_reshuffled_and_cover_every_window():
-    windows = len(data.Windows(_stream(), 16))
-    iterator = iter(data.batches(_stream(), 16, 2, None, seed=0, num_threads=0))
+    windows = len(pipeline.Windows(_stream(), 16))
+    iterator = iter(pipeline.batches(_stream(), 16, 2, None, seed=0, num_threads=0))
     per_epoch = windows // 2
     epochs = [[tuple(map(tuple, next(iterator)["tokens"])) for _ in range(per_epoch)]
               for _ in range(2)]
@@ -146,15 +146,15 @@ def test_epochs_are_reshuffled_and_cover_every_window():
 
 def test_unigram_baseline():
     train = np.array([0, 0, 0, 1])
-    loss = data.unigram_cross_entropy(train, np.array([0, 1]), vocab_size=2)
+    loss = pipeline.unigram_cross_entropy(train, np.array([0, 1]), vocab_size=2)
     np.testing.assert_allclose(loss, -(np.log(4 / 6) + np.log(2 / 6)) / 2)
 
 
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="too few for one sequence"):
-        data.Windows(np.arange(5, dtype=np.int32), 16)
+        pipeline.Windows(np.arange(5, dtype=np.int32), 16)
     with pytest.raises(ValueError, match="fewer than one batch of 64"):
-        data.batches(_stream(100), 16, 64, None, seed=0)
+        pipeline.batches(_stream(100), 16, 64, None, seed=0)
 
 
 def test_pretokenized_array_record_round_trip(tmp_path):
@@ -178,22 +178,22 @@ def test_pretokenized_array_record_round_trip(tmp_path):
         assert pretokenize.main(args) == 0
     finally:
         os.chdir(cwd)
-    direct = data.prepare_data(DataConfig(source="text", paths=(f"{corpus_dir}/*.txt",),
+    direct = prepare.prepare_data(DataConfig(source="text", paths=(f"{corpus_dir}/*.txt",),
                                           cache_dir=str(tmp_path / "cache"),
                                           tokenizer_vocab_size=300, validation_percent=20),
                                progress=False)
     # Small records, so that three shards interleave.
-    pretokenize.RECORD_TOKENS, saved = 100, pretokenize.RECORD_TOKENS
+    shards.RECORD_TOKENS, saved = 100, shards.RECORD_TOKENS
     try:
-        pretokenize.write_shards(direct.train_tokens, out, "train", 3)
+        shards.write_shards(direct.train_tokens, out, "train", 3)
     finally:
-        pretokenize.RECORD_TOKENS = saved
-    loaded = data.prepare_data(DataConfig(source="array_record", paths=(str(out),)))
+        shards.RECORD_TOKENS = saved
+    loaded = prepare.prepare_data(DataConfig(source="array_record", paths=(str(out),)))
     np.testing.assert_array_equal(loaded.train_tokens, direct.train_tokens)
     np.testing.assert_array_equal(loaded.validation_tokens, direct.validation_tokens)
     assert loaded.eod_id == direct.eod_id and loaded.validation_bytes == direct.validation_bytes
     with pytest.raises(FileNotFoundError, match="meta.json"):
-        data.prepare_data(DataConfig(source="array_record", paths=(str(tmp_path),)))
+        prepare.prepare_data(DataConfig(source="array_record", paths=(str(tmp_path),)))
 
 
 def test_hugging_face_source_through_a_stand_in_module(monkeypatch):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from engram_jax import engram as engram_lib
-from engram_jax.compression import CompressedTokenizer
+from engram_jax.nn import engram as engram_lib
+from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.config import EngramConfig
-from engram_jax.hashing import NgramHasher
-from engram_jax.normalization import rms_norm
+from engram_jax.data.hashing import NgramHasher
+from engram_jax.nn.normalization import rms_norm
 from engram_jax.interop import load_reference_state_dict
-from engram_jax.tokenizer import load_tokenizer
+from engram_jax.data.tokenizer import load_tokenizer
 from reference import MODULE_CASES, TOKENIZER_DIR, engram_config, load_case
 
 B, L, G, D = 2, 16, 4, 32
@@ -60,8 +60,8 @@ def test_shapes_and_dtypes(compressor):
     module = _module()
     chex.assert_shape(ids, (B, L, CONFIG.num_heads))
     chex.assert_type(ids, jnp.int32)
-    assert module.num_rows == sum(module.head_sizes)
-    chex.assert_shape(module.table, (-(-module.num_rows // 256) * 256, CONFIG.head_dim))
+    assert module.layout.rows == sum(module.layout.head_sizes)
+    chex.assert_shape(module.table, (-(-module.layout.rows // 256) * 256, CONFIG.head_dim))
     chex.assert_shape(module.key_kernel, (G, CONFIG.embed_dim, D))
     chex.assert_shape(module.conv_kernel, (CONFIG.kernel_size, G, D))
     memory = module.embed(ids)
@@ -75,10 +75,11 @@ def test_shapes_and_dtypes(compressor):
 
 def test_layer_tables_are_offset_per_head():
     module = _module()
-    sizes = np.asarray(module.head_sizes)
-    np.testing.assert_array_equal(module.offsets, np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+    sizes = np.asarray(module.layout.head_sizes)
+    np.testing.assert_array_equal(module.layout.offsets,
+                                  np.concatenate([[0], np.cumsum(sizes)[:-1]]))
     # Layer 2 comes after layer 0 in the prime walk, so its tables are a little larger.
-    assert sum(module.head_sizes) > sum(_module(layer_id=0).head_sizes)
+    assert module.layout.rows > _module(layer_id=0).layout.rows
 
 
 def test_lookup_reads_each_heads_own_rows():

@@ -23,8 +23,8 @@ def test_a_finished_run_is_read_back_under_any_name(tmp_path):
     config = sweep.sweep_config("tiny.yaml")
     run_dir = tmp_path / f"first-name-{sweep.config_digest(config)}"
     run_dir.mkdir()
-    result = {"val_loss": 3.5, "val_bits_per_byte": 1.2, "train_loss": 3.0, "unigram_loss": 5.0,
-              "tokens_per_s": 10.0, "wall_s": 1.0}
+    result = {"val_loss": 3.5, "val_bits_per_byte": 1.2, "loss": 3.0, "unigram_loss": 5.0,
+              "tokens_per_s": 10.0, "wall_s": 1.0, "step": 160}  # as the trainer writes it
     (run_dir / "result.json").write_text(json.dumps(result))
     row = sweep.run_one(sweep.Run("other-name", config, {"kind": "x"}), tmp_path)
     assert (row["name"], row["kind"], row["val_loss"], row["run_dir"]) == (

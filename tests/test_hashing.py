@@ -1,14 +1,14 @@
-"""Host hashing: bit-for-bit parity with the reference demo, table sizes, document resets."""
+"""Host hashing: bit-for-bit parity with the reference demo, document resets."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 
-from engram_jax import hashing
-from engram_jax.compression import CompressedTokenizer
+from engram_jax.data import hashing
+from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.config import EngramConfig
-from engram_jax.tokenizer import load_tokenizer
+from engram_jax.data.tokenizer import load_tokenizer
 from reference import HASH_CASES, TOKENIZER_DIR, engram_config, load_case
 
 
@@ -24,7 +24,7 @@ def test_hash_ids_equal_reference_demo(case, compressor):
     hasher = hashing.NgramHasher(config, compressor)
     for layer_id in config.layer_ids:
         np.testing.assert_array_equal(hasher.multipliers[layer_id], ref[f"multipliers_{layer_id}"])
-        np.testing.assert_array_equal(hasher.table_sizes[layer_id], ref[f"sizes_{layer_id}"])
+        np.testing.assert_array_equal(hasher.layout[layer_id].head_sizes, ref[f"sizes_{layer_id}"])
     for inputs in ("random", "text"):
         ids = hasher(ref[f"{inputs}_ids"])
         for layer_id in config.layer_ids:
@@ -33,29 +33,6 @@ def test_hash_ids_equal_reference_demo(case, compressor):
             assert ids[layer_id].shape == expected.shape == (
                 *ref[f"{inputs}_ids"].shape, config.num_heads)
             np.testing.assert_array_equal(ids[layer_id], expected)
-
-
-def test_demo_table_sizes_match_design_facts():
-    sizes = hashing.head_table_sizes(EngramConfig())
-    assert sizes[1][:3].tolist() == [646403, 646411, 646421]
-    assert int(sizes[1].sum()) == 10_344_164
-    assert int(sizes[15].sum()) > int(sizes[1].sum())  # later layers' tables are a bit larger
-    every = np.concatenate(list(sizes.values()))
-    assert len(set(every.tolist())) == every.size and all(hashing.is_prime(int(p)) for p in every)
-
-
-def test_is_prime_matches_a_sieve_and_known_values():
-    limit = 20_000
-    sieve = np.ones(limit, dtype=bool)
-    sieve[:2] = False
-    for p in range(2, int(limit ** 0.5) + 1):
-        if sieve[p]:
-            sieve[p * p::p] = False
-    assert [n for n in range(limit) if hashing.is_prime(n)] == np.flatnonzero(sieve).tolist()
-    assert hashing.is_prime(2_147_483_647) and hashing.is_prime(2**61 - 1)
-    for carmichael in (561, 41041, 825265, 3215031751):
-        assert not hashing.is_prime(carmichael)
-    assert not hashing.is_prime(2**61 + 1)
 
 
 def test_multipliers_are_odd_and_seeded_per_layer():

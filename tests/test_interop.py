@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from engram_jax.engram import Engram
+from engram_jax.nn.engram import Engram
 from engram_jax.interop import load_reference_state_dict
 from reference import engram_config, load_case
 
@@ -20,7 +20,7 @@ def _case():
 def test_layouts():
     module, state = _case()
     load_reference_state_dict(module, state)
-    np.testing.assert_array_equal(module.table[...][:module.num_rows],
+    np.testing.assert_array_equal(module.table[...][:module.layout.rows],
                                   state["multi_head_embedding.embedding.weight"])
     np.testing.assert_array_equal(module.key_kernel[...][2], state["key_projs.2.weight"].T)
     np.testing.assert_array_equal(module.query_norm[...][1], state["norm2.1.weight"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from engram_jax import mhc
+from engram_jax.nn import mhc
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4, -1e4])

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from engram_jax.compression import CompressedTokenizer
+from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.config import load_model_config
-from engram_jax.hashing import NgramHasher
-from engram_jax.model import Transformer
+from engram_jax.data.hashing import NgramHasher
+from engram_jax.nn.model import Transformer
 
 TINY = load_model_config(pathlib.Path(__file__).parent.parent / "configs" / "tiny.yaml")
 B, L = 2, 24

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax import moe as moe_lib
+from engram_jax.nn import moe as moe_lib
 from engram_jax.config import MoEConfig
 
 D = 16

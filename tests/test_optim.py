@@ -9,9 +9,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from engram_jax import optim
+from engram_jax.train import optimizer as optim
 from engram_jax.config import TrainConfig, load_model_config
-from engram_jax.model import Transformer
+from engram_jax.nn.model import Transformer
 
 TINY = load_model_config(pathlib.Path(__file__).parent.parent / "configs" / "tiny.yaml")
 
@@ -90,16 +90,16 @@ def test_clipping_is_applied_to_all_gradients():
 
 
 def test_gradient_accumulation_equals_one_big_batch_and_bf16_steps():
-    from engram_jax.compression import CompressedTokenizer
-    from engram_jax.hashing import NgramHasher
-    from engram_jax.trainer import _train_step
+    from engram_jax.data.compression import CompressedTokenizer
+    from engram_jax.data.hashing import NgramHasher
+    from engram_jax.train.step import train_step
 
     tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (8, 17)).astype(np.int32)
     hasher = NgramHasher(TINY.engram, CompressedTokenizer.identity(TINY.vocab_size))
     batch = {"tokens": jnp.asarray(tokens),
              "hash_ids": {k: jnp.asarray(v) for k, v in hasher(tokens[:, :-1]).items()}}
     config = TrainConfig(warmup_steps=0, schedule="constant", learning_rate=1e-2)
-    step = nnx.jit(_train_step, static_argnums=(3,))
+    step = nnx.jit(train_step, static_argnums=(3,))
     params = {}
     for accum in (1, 2):
         model = Transformer(TINY, rngs=nnx.Rngs(0))

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from engram_jax import hlo
-from engram_jax.config import ConfigError
-from engram_jax.model import Transformer
-from engram_jax.sharding import (MESH_AXES, ShardingConfig, global_batch, make_mesh,
-                                 routed_lookup, shard_shapes, use_mesh)
-from engram_jax.trainer import lm_loss
+from engram_jax.config import ConfigError, ShardingConfig
+from engram_jax.nn.model import Transformer
+from engram_jax.sharding import (MESH_AXES, global_batch, hlo, make_mesh, routed_lookup,
+                                 shard_shapes, use_mesh)
+from engram_jax.train.step import lm_loss
 from processes import collect, free_port
 from sharded_training import TINY, batch, run_steps
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from engram_jax import tokenizer as tokenizer_lib
+from engram_jax.data import tokenizer as tokenizer_lib
 from reference import TOKENIZER_DIR
 
 

@@ -14,8 +14,8 @@ import optax
 import pytest
 from flax import nnx
 
-from engram_jax.checkpoint import Checkpointer
-from engram_jax.trainer import FAULT_ENV
+from engram_jax.train.checkpoint import Checkpointer
+from engram_jax.train.signals import FAULT_ENV
 from conftest import tiny_text_overrides
 from processes import collect, free_port
 
@@ -108,7 +108,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
         model.w[...] = jnp.full((3,), float(step))
         checkpointer.save(step, model, optimizer, None, {"step": step})
     checkpointer.wait()
-    for f in (tmp_path / "2" / "state").rglob("*"):
+    for f in (tmp_path / "2" / "model").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
     fresh = _Small()

@@ -12,7 +12,6 @@ model is compared with itself. Writes the heatmap PNG and the matrix as CSV.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 
@@ -41,7 +40,7 @@ def cka_matrix(states_a: list[jax.Array], states_b: list[jax.Array]) -> jax.Arra
 
 
 def plot(matrix: np.ndarray, label_a: str, label_b: str, path) -> None:
-    from engram_jax.plot import pyplot, save_figure
+    from engram_jax.figures import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 2.5, 1.0 * matrix.shape[0] + 1.8))
@@ -55,27 +54,18 @@ def plot(matrix: np.ndarray, label_a: str, label_b: str, path) -> None:
     save_figure(fig, path)
 
 
-def main(argv=None) -> int:
-    parser = probe.command_parser(__doc__, "cka.png", compare=True)
-    parser.add_argument("--sequences", type=int, default=8, help="validation windows to use")
-    args = parser.parse_args(argv)
-    try:
-        checkpoints = probe.load_to_compare(parser, args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"cka: {err}", file=sys.stderr)
-        return 2
+def report(path, checkpoints: list[probe.Checkpoint], tokens: np.ndarray) -> None:
+    """The CKA matrix of the first checkpoint against the last: plot, JSON line and CSV."""
     a, b = checkpoints[0], checkpoints[-1]
-    tokens = probe.validation_tokens(a, args.sequences)[:, :-1]
     matrix = np.asarray(cka_matrix(probe.layer_states(a, tokens), probe.layer_states(b, tokens)))
-    path = probe.figure_path(args.out, "cka.png")
     plot(matrix, a.label, b.label, path)
-    with path.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([f"{a.label} layer \\ {b.label} layer", *range(matrix.shape[1])])
-        writer.writerows([i, *row] for i, row in enumerate(matrix.tolist()))
     print(json.dumps({"a": a.label, "b": b.label, "cka": matrix.round(4).tolist()}))
-    print(f"wrote {path} and {path.with_suffix('.csv')}")
-    return 0
+    probe.write_table(path, [f"{a.label} layer \\ {b.label} layer", *range(matrix.shape[1])],
+                      ([i, *row] for i, row in enumerate(matrix.tolist())))
+
+
+def main(argv=None) -> int:
+    return probe.run_comparison(__doc__, "cka", 8, argv, report)
 
 
 if __name__ == "__main__":

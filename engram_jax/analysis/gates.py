@@ -11,7 +11,6 @@ CSV with one row per token.
 
 from __future__ import annotations
 
-import csv
 import json
 import pathlib
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from engram_jax.analysis import probe
-from engram_jax.model import Transformer
+from engram_jax.nn.model import Transformer
 
 
 @nnx.jit
@@ -48,7 +47,7 @@ def text_gates(checkpoint: probe.Checkpoint, token_ids: np.ndarray) -> dict[int,
 
 def plot(gates: dict[int, np.ndarray], token_texts: list[str], title: str, path,
          per_row: int = 48) -> None:
-    from engram_jax.plot import pyplot
+    from engram_jax.figures import pyplot
 
     plt = pyplot()
     rows = [(layer, branch) for layer in sorted(gates) for branch in range(gates[layer].shape[1])]
@@ -95,15 +94,12 @@ def main(argv=None) -> int:
     texts = checkpoint.tokenizer.decode_each(ids)
     path = probe.figure_path(args.out, "gates.png")
     plot(gates, texts, f"Engram gates: {checkpoint.label} (step {checkpoint.step})", path)
-    with path.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        columns = [(layer, b) for layer in sorted(gates) for b in range(gates[layer].shape[1])]
-        writer.writerow(["position", "token", *[f"layer{l}_branch{b}" for l, b in columns]])
-        for i, token in enumerate(texts):
-            writer.writerow([i, token, *[f"{gates[l][i, b]:.4f}" for l, b in columns]])
     print(json.dumps({"checkpoint": checkpoint.label, "tokens": len(texts), "mean_gate": {
         str(layer): np.round(g.mean(axis=0), 4).tolist() for layer, g in gates.items()}}))
-    print(f"wrote {path} and {path.with_suffix('.csv')}")
+    columns = [(layer, b) for layer in sorted(gates) for b in range(gates[layer].shape[1])]
+    probe.write_table(path, ["position", "token", *[f"layer{l}_branch{b}" for l, b in columns]],
+                      ([i, token, *[f"{gates[l][i, b]:.4f}" for l, b in columns]]
+                       for i, token in enumerate(texts)))
     return 0
 
 

@@ -11,7 +11,6 @@ sooner. Prints one JSON line per checkpoint and writes the PNG and a CSV beside 
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from engram_jax.analysis import probe
-from engram_jax.model import Transformer
+from engram_jax.nn.model import Transformer
 
 
 def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
@@ -44,7 +43,7 @@ def lens_curve(checkpoint: probe.Checkpoint, tokens) -> list[float]:
 
 
 def plot(curves: list[tuple[str, list[float]]], path) -> None:
-    from engram_jax.plot import pyplot, save_figure
+    from engram_jax.figures import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -58,30 +57,20 @@ def plot(curves: list[tuple[str, list[float]]], path) -> None:
     save_figure(fig, path)
 
 
-def main(argv=None) -> int:
-    parser = probe.command_parser(__doc__, "logit_lens.png", compare=True)
-    parser.add_argument("--sequences", type=int, default=16, help="validation windows to use")
-    args = parser.parse_args(argv)
-    try:
-        checkpoints = probe.load_to_compare(parser, args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"logit_lens: {err}", file=sys.stderr)
-        return 2
-    tokens = probe.validation_tokens(checkpoints[0], args.sequences)
+def report(path, checkpoints: list[probe.Checkpoint], tokens) -> None:
+    """Each checkpoint's curve: a JSON line each, one plot, one CSV."""
     curves = []
     for checkpoint in checkpoints:
-        curves.append((checkpoint.label, lens_curve(checkpoint, tokens[:, :-1])))
+        curves.append((checkpoint.label, lens_curve(checkpoint, tokens)))
         print(json.dumps({"checkpoint": checkpoint.label, "step": checkpoint.step,
                           "kl_per_layer": curves[-1][1]}))
-    path = probe.figure_path(args.out, "logit_lens.png")
     plot(curves, path)
-    with path.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["checkpoint", "layer", "kl_final_vs_layer"])
-        for label, values in curves:
-            writer.writerows([label, i, v] for i, v in enumerate(values))
-    print(f"wrote {path} and {path.with_suffix('.csv')}")
-    return 0
+    probe.write_table(path, ["checkpoint", "layer", "kl_final_vs_layer"],
+                      ([label, i, v] for label, values in curves for i, v in enumerate(values)))
+
+
+def main(argv=None) -> int:
+    return probe.run_comparison(__doc__, "logit_lens", 16, argv, report)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import pathlib
+import sys
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax import data as data_lib
-from engram_jax.config import Config
-from engram_jax.evaluate import load_checkpoint, validation_stream
-from engram_jax.model import Transformer
-from engram_jax.tokenizer import TextTokenizer
+from engram_jax.config.schema import Config
+from engram_jax.data.pipeline import Windows, make_hasher
+from engram_jax.data.prepare import end_of_document_id, validation_stream
+from engram_jax.data.tokenizer import TextTokenizer
+from engram_jax.nn.model import Transformer
+from engram_jax.train.run_dir import load_trained
 
 
 @dataclasses.dataclass
@@ -30,8 +34,8 @@ class Checkpoint:
 
     def hash_ids(self, tokens: np.ndarray) -> dict[int, jax.Array] | None:
         """This model's Engram row ids of int tokens (B, L); None without Engram."""
-        hasher = data_lib.make_hasher(self.config.model.engram, self.tokenizer,
-                                      self.tokenizer.token_id(data_lib.EOD_TOKEN))
+        hasher = make_hasher(self.config.model.engram, self.tokenizer,
+                             end_of_document_id(self.tokenizer))
         if hasher is None:
             return None
         return {layer: jnp.asarray(ids) for layer, ids in hasher(np.asarray(tokens)).items()}
@@ -39,10 +43,9 @@ class Checkpoint:
 
 def load(path: str | pathlib.Path) -> Checkpoint:
     """Restores the newest checkpoint of a run directory or its `checkpoints/` directory."""
-    model, config, tokenizer, step = load_checkpoint(path)
-    run = pathlib.Path(path).absolute()
-    label = run.parent.name if run.name == "checkpoints" else run.name
-    return Checkpoint(model, config, tokenizer, step, label)
+    trained = load_trained(path)
+    return Checkpoint(trained.model, trained.config, trained.tokenizer, trained.step,
+                      trained.run.name)
 
 
 def same_tokenizer(a: Checkpoint, b: Checkpoint) -> None:
@@ -56,9 +59,9 @@ def validation_tokens(checkpoint: Checkpoint, sequences: int, seq_len: int | Non
                       seed: int = 0) -> np.ndarray:
     """int32 (sequences, seq_len) windows of the checkpoint's validation split, drawn without
     replacement with a fixed seed (seq_len defaults to the run's)."""
-    stream, _, _ = validation_stream(checkpoint.config, checkpoint.tokenizer)
+    stream, _, _ = validation_stream(checkpoint.config.data, checkpoint.tokenizer)
     seq_len = seq_len or checkpoint.config.data.seq_len
-    windows = data_lib.Windows(stream, seq_len)
+    windows = Windows(stream, seq_len)
     if sequences > len(windows):
         raise ValueError(f"the validation split holds {len(windows)} windows of {seq_len} tokens, "
                          f"fewer than the {sequences} asked for")
@@ -99,10 +102,35 @@ def command_parser(doc: str, figure: str, compare: bool = False) -> argparse.Arg
     return parser
 
 
-def load_to_compare(parser: argparse.ArgumentParser, paths: list[str]) -> list[Checkpoint]:
-    """One or two checkpoints that tokenise alike (the parser reports more than two)."""
-    if len(paths) > 2:
+def run_comparison(doc: str, command: str, sequences: int, argv,
+                   report: Callable[[pathlib.Path, list[Checkpoint], np.ndarray], None]) -> int:
+    """Runs a command comparing one or two checkpoints (`--checkpoint` once or twice,
+    `--sequences`, `--out`, default figure `<command>.png`): loads checkpoints that tokenise
+    alike and int32 input tokens (sequences, seq_len) of the first one's validation split, then
+    calls `report(figure path, checkpoints, tokens)`. Returns the exit code: 2, with the reason on
+    stderr after `command`, when a checkpoint cannot be loaded."""
+    parser = command_parser(doc, f"{command}.png", compare=True)
+    parser.add_argument("--sequences", type=int, default=sequences,
+                        help="validation windows to use")
+    args = parser.parse_args(argv)
+    if len(args.checkpoint) > 2:
         parser.error("give at most two --checkpoint")
-    checkpoints = [load(path) for path in paths]
-    same_tokenizer(checkpoints[0], checkpoints[-1])
-    return checkpoints
+    try:
+        checkpoints = [load(path) for path in args.checkpoint]
+        same_tokenizer(checkpoints[0], checkpoints[-1])
+        tokens = validation_tokens(checkpoints[0], args.sequences)[:, :-1]
+    except (FileNotFoundError, ValueError) as err:
+        print(f"{command}: {err}", file=sys.stderr)
+        return 2
+    report(figure_path(args.out, f"{command}.png"), checkpoints, tokens)
+    return 0
+
+
+def write_table(figure: pathlib.Path, header: Sequence, rows: Iterable[Sequence]) -> None:
+    """Writes `rows` under `header` as the CSV beside `figure`, and says where both are."""
+    table = figure.with_suffix(".csv")
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    print(f"wrote {figure} and {table}")

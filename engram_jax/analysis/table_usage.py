@@ -13,16 +13,15 @@ weights. Writes the PNG and a CSV with one row per head.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 
 import numpy as np
 
-from engram_jax import data as data_lib
 from engram_jax.analysis import probe
-from engram_jax.evaluate import validation_stream
-from engram_jax.hashing import NgramHasher, segment_ids_from_separator, shifted_tokens
+from engram_jax.data.hashing import NgramHasher, segment_ids_from_separator, shifted_tokens
+from engram_jax.data.pipeline import make_hasher
+from engram_jax.data.prepare import end_of_document_id, validation_stream
 
 
 def ngram_keys(compressed: np.ndarray, order: int, pad_id: int,
@@ -61,7 +60,7 @@ def table_usage(hasher: NgramHasher, tokens: np.ndarray) -> tuple[list[dict], di
         in_every_head = {}  # order -> distinct n-grams that share a row in all of its heads
         for head in range(ids.shape[-1]):
             order = 2 + head // config.n_head_per_ngram
-            size = int(hasher.table_sizes[layer][head])
+            size = hasher.layout[layer].head_sizes[head]
             head_rows = ids[..., head].reshape(-1)
             counts = np.bincount(head_rows, minlength=size)
             shared, inverse = shared_ngrams(keys[order], head_rows)
@@ -81,7 +80,7 @@ def table_usage(hasher: NgramHasher, tokens: np.ndarray) -> tuple[list[dict], di
 
 
 def plot(hits: dict, n_head: int, path) -> None:
-    from engram_jax.plot import pyplot, save_figure
+    from engram_jax.figures import pyplot, save_figure
 
     plt = pyplot()
     layers = sorted({layer for layer, _ in hits})
@@ -109,25 +108,21 @@ def main(argv=None) -> int:
         config = checkpoint.config
         if config.model.engram is None:
             raise ValueError(f"checkpoint {checkpoint.label} has no Engram layers")
-        stream, _, _ = validation_stream(config, checkpoint.tokenizer)
+        stream, _, _ = validation_stream(config.data, checkpoint.tokenizer)
         seq_len = config.data.seq_len
         count = min(args.sequences or len(stream) // seq_len, len(stream) // seq_len)
         tokens = stream[:count * seq_len].reshape(count, seq_len)
     except (FileNotFoundError, ValueError) as err:
         print(f"table_usage: {err}", file=sys.stderr)
         return 2
-    hasher = data_lib.make_hasher(config.model.engram, checkpoint.tokenizer,
-                                  checkpoint.tokenizer.token_id(data_lib.EOD_TOKEN))
+    hasher = make_hasher(config.model.engram, checkpoint.tokenizer,
+                         end_of_document_id(checkpoint.tokenizer))
     rows, hits = table_usage(hasher, tokens)
     path = probe.figure_path(args.out, "table_usage.png")
     plot(hits, config.model.engram.n_head_per_ngram, path)
-    with path.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     for row in rows:
         print(json.dumps({"checkpoint": checkpoint.label, **row}))
-    print(f"wrote {path} and {path.with_suffix('.csv')}")
+    probe.write_table(path, list(rows[0]), (list(row.values()) for row in rows))
     return 0
 
 

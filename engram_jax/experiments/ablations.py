@@ -20,7 +20,7 @@ import pathlib
 import sys
 
 from engram_jax.experiments import sweep
-from engram_jax.plot import pyplot, save_figure
+from engram_jax.figures import pyplot, save_figure
 
 REFERENCES = ("full", "full, next seed", "moe (no Engram)")
 VARIANTS = (

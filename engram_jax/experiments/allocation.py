@@ -5,7 +5,7 @@
       [key=value ...]
 
 rho is the share of the sparse parameters P_sparse held by routed experts; the rest are Engram
-tables (DESIGN §5). Each point is `engram_jax.accounting.allocate(moe.yaml, rho,
+tables (paper §3.1). Each point is `engram_jax.accounting.allocate(moe.yaml, rho,
 engram_moe.yaml's Engram settings)`: rho = 1 is the pure MoE, rho = 0 keeps only the top-k
 routed experts (all active) and puts every sparse parameter in tables. The experts come in whole
 units, so the rho actually reached is computed from the parameter counts and is the x axis.
@@ -21,7 +21,7 @@ import numpy as np
 
 from engram_jax.accounting import allocate, count_parameters
 from engram_jax.experiments import sweep
-from engram_jax.plot import pyplot, save_figure
+from engram_jax.figures import pyplot, save_figure
 
 DEFAULT_RHOS = (1.0, 0.875, 0.75, 0.5, 0.25, 0.0)
 

@@ -16,7 +16,7 @@ import pathlib
 import sys
 
 from engram_jax.experiments import sweep
-from engram_jax.plot import pyplot, save_figure
+from engram_jax.figures import pyplot, save_figure
 
 MODELS = (("dense", "dense.yaml"), ("moe", "moe.yaml"), ("engram_moe", "engram_moe.yaml"))
 

@@ -3,7 +3,7 @@
 A run's directory is named after the run and a digest of its config, so a run already finished
 (by this sweep or another one, under any name) is read back from its `result.json` instead of
 being trained again, and an interrupted sweep resumes where it stopped (a half-finished run
-resumes from its checkpoint). Presets are read from the repository's `configs/`.
+resumes from its checkpoint). Presets are the packaged ones (`engram_jax.config.preset_names`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import time
 from collections.abc import Sequence
 
 from engram_jax.accounting import count_parameters
 from engram_jax.config import (Config, ModelConfig, apply_overrides, config_to_dict, from_dict,
                                load_yaml, merge_nested)
+from engram_jax.train.run_dir import RunDir
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 SWEEP_PRESET = "sweep.yaml"
 
 
@@ -35,10 +34,9 @@ class Run:
 
 
 def sweep_config(model_preset: str, overrides: Sequence[str] = ()) -> Config:
-    """`configs/<model_preset>` with `configs/sweep.yaml`'s data and training settings over it,
-    then dotted `overrides` (e.g. "train.seed=1")."""
-    values = merge_nested(load_yaml(CONFIG_DIR / model_preset),
-                          load_yaml(CONFIG_DIR / SWEEP_PRESET))
+    """The preset `model_preset` with the `sweep.yaml` preset's data and training settings over
+    it, then dotted `overrides` (e.g. "train.seed=1")."""
+    values = merge_nested(load_yaml(model_preset), load_yaml(SWEEP_PRESET))
     return from_dict(Config, apply_overrides(values, list(overrides)))
 
 
@@ -65,33 +63,31 @@ def config_digest(config: Config) -> str:
 
 def run_one(run: Run, runs_root: pathlib.Path, progress: bool = True) -> dict:
     """Trains `run` (or reads its finished result) and returns its CSV row."""
-    from engram_jax.trainer import train
+    from engram_jax.train.loop import train
 
     digest = config_digest(run.config)
-    finished = sorted(runs_root.glob(f"*-{digest}/result.json"))  # maybe under another name
-    run_dir = finished[0].parent if finished else runs_root / f"{run.name}-{digest}"
-    result_path = run_dir / "result.json"
-    if result_path.is_file():
-        result = json.loads(result_path.read_text())
-        print(f"{run.name}: finished earlier, read {result_path}", flush=True)
+    finished = sorted(runs_root.glob(f"*-{digest}/{RunDir.RESULT}"))  # maybe under another name
+    run_dir = RunDir(finished[0].parent if finished else runs_root / f"{run.name}-{digest}")
+    result = run_dir.read_result()
+    if result is not None:
+        print(f"{run.name}: finished earlier, read {run_dir.path / RunDir.RESULT}", flush=True)
     else:
-        print(f"{run.name}: training in {run_dir}", flush=True)
+        print(f"{run.name}: training in {run_dir.path}", flush=True)
         config = dataclasses.replace(
-            run.config, train=dataclasses.replace(run.config.train, run_dir=str(run_dir)))
-        start = time.perf_counter()
-        final = train(config, progress=progress)
-        result = {"val_loss": final["val_loss"], "val_bits_per_byte": final["val_bits_per_byte"],
-                  "train_loss": final["loss"], "unigram_loss": final["unigram_loss"],
-                  "tokens_per_s": final["tokens_per_s"], "wall_s": time.perf_counter() - start}
-        result_path.write_text(json.dumps(result, indent=1))
+            run.config, train=dataclasses.replace(run.config.train, run_dir=str(run_dir.path)))
+        train(config, progress=progress)
+        result = run_dir.read_result()
+        if result is None:
+            raise RuntimeError(f"{run.name}: the run in {run_dir.path} stopped before its last "
+                               "step; run the sweep again to resume it")
     counts = count_parameters(run.config.model, seq_len=run.config.data.seq_len)
     return {"name": run.name, **run.fields, "seed": run.config.train.seed,
             "params_total": counts.total, "params_active": counts.active,
             "params_routed_experts": counts.routed_experts,
             "params_engram_tables": counts.engram_tables,
             "val_loss": result["val_loss"], "val_bits_per_byte": result["val_bits_per_byte"],
-            "train_loss": result["train_loss"], "unigram_loss": result["unigram_loss"],
-            "wall_s": round(result["wall_s"], 1), "run_dir": str(run_dir)}
+            "train_loss": result["loss"], "unigram_loss": result["unigram_loss"],
+            "wall_s": round(result["wall_s"], 1), "run_dir": str(run_dir.path)}
 
 
 def run_sweep(runs: Sequence[Run], out_dir: pathlib.Path, runs_root: pathlib.Path,
@@ -115,11 +111,6 @@ def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-
-
-def read_csv(path: pathlib.Path) -> list[dict]:
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -170,7 +161,5 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 def training_curve(run_dir: str | pathlib.Path) -> tuple[list[int], list[float]]:
     """(steps, training losses) from a run's metrics.jsonl."""
-    from engram_jax.plot import read_metrics
-
-    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    rows = [r for r in RunDir(run_dir).read_metrics() if "loss" in r]
     return [r["step"] for r in rows], [r["loss"] for r in rows]

@@ -17,8 +17,8 @@ import sys
 import numpy as np
 
 from engram_jax.experiments import sweep
-from engram_jax.hashing import head_table_sizes
-from engram_jax.plot import pyplot, save_figure
+from engram_jax.table_layout import table_layout
+from engram_jax.figures import pyplot, save_figure
 
 DEFAULT_SIZES = (528, 2112, 8450, 33800, 135200)
 
@@ -29,7 +29,7 @@ def runs(sizes, seed: int = 0, overrides=()) -> list[sweep.Run]:
     out = []
     for size in sizes:
         config = sweep.with_engram(base, vocab_size_per_ngram=(size,) * order)
-        slots = sum(int(s.sum()) for s in head_table_sizes(config.model.engram).values())
+        slots = table_layout(config.model.engram).rows
         out.append(sweep.Run(f"slots{size}-seed{seed}", config,
                              {"vocab_size_per_ngram": size, "slots": slots}))
     return out

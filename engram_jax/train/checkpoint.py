@@ -1,8 +1,11 @@
-"""Orbax checkpoints of a run: model and optimiser state, step, data iterator, config, tokenizer.
+"""Orbax checkpoints of a run: model, optimiser state, data iterator and metadata, per step.
 
-Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it), the last
-`keep` are kept, and nothing is overwritten in place. Restoring walks back from the newest
-checkpoint: one that cannot be read is reported and the previous one is used.
+Each step's checkpoint holds four items: `model` and `optimizer` (pure-dict NNX states), `data`
+(the grain iterator's state, when given) and `meta` (JSON: the resolved config, the tokenizer,
+the step). The model can be restored without the optimiser (evaluation, analysis). Saves are
+asynchronous and atomic (Orbax writes a temporary directory and renames it), the last `keep`
+are kept, and nothing is overwritten in place. Restoring walks back from the newest checkpoint:
+one that cannot be read is reported and the previous one is used.
 """
 
 from __future__ import annotations
@@ -19,9 +22,18 @@ from flax import nnx
 log = logging.getLogger(__name__)
 
 
-def _state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
-    return {"model": nnx.to_pure_dict(nnx.state(model)),
-            "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+def _pure_state(obj: nnx.Module | nnx.Optimizer) -> dict:
+    return nnx.to_pure_dict(nnx.state(obj))
+
+
+def _abstract(obj: nnx.Module | nnx.Optimizer) -> dict:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure_state(obj))
+
+
+def _load_into(obj: nnx.Module | nnx.Optimizer, values: dict) -> None:
+    state = nnx.state(obj)
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(obj, state)
 
 
 class Checkpointer:
@@ -36,7 +48,8 @@ class Checkpointer:
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
              data_iterator, meta: dict) -> None:
         """Starts saving (returns before the write completes when asynchronous)."""
-        items = dict(state=ocp.args.StandardSave(_state(model, optimizer)),
+        items = dict(model=ocp.args.StandardSave(_pure_state(model)),
+                     optimizer=ocp.args.StandardSave(_pure_state(optimizer)),
                      meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -48,9 +61,15 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer,
+    def read_meta(self, step: int) -> dict:
+        """The metadata saved with `step`."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored.meta)
+
+    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
                 data_iterator=None) -> tuple[int, dict] | None:
-        """Restores the newest readable checkpoint into the objects; (step, meta) or None."""
+        """Restores the newest readable checkpoint into the objects given (the model always; the
+        optimiser and the data iterator when given); (step, meta) or None."""
         for step in reversed(self.steps()):
             try:
                 return step, self._restore(step, model, optimizer, data_iterator)
@@ -62,16 +81,16 @@ class Checkpointer:
         return None
 
     def _restore(self, step: int, model, optimizer, data_iterator) -> dict:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state(model, optimizer))
-        items = dict(state=ocp.args.StandardRestore(abstract),
+        items = dict(model=ocp.args.StandardRestore(_abstract(model)),
                      meta=ocp.args.JsonRestore())
+        if optimizer is not None:
+            items["optimizer"] = ocp.args.StandardRestore(_abstract(optimizer))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        for name, obj in (("model", model), ("optimizer", optimizer)):
-            state = nnx.state(obj)
-            nnx.replace_by_pure_dict(state, restored.state[name])
-            nnx.update(obj, state)
+        _load_into(model, restored.model)
+        if optimizer is not None:
+            _load_into(optimizer, restored.optimizer)
         return dict(restored.meta)
 
     def close(self) -> None:

@@ -1,16 +1,15 @@
-"""Typed configuration for the Engram module, with validation that names the bad field."""
+"""The configuration dataclasses: what a run is, validated field by field.
+
+Every class is a frozen dataclass whose `__post_init__` checks its own fields and raises
+`ConfigError` naming the dotted key (`engram.max_ngram_size=1: must be >= 2`). Reading them from
+YAML, overrides and presets is `engram_jax.config.loader`; nothing here touches files or jax.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
-import types
-import typing
-from collections.abc import Mapping
 from typing import Any
-
-import yaml
 
 
 class ConfigError(ValueError):
@@ -18,6 +17,7 @@ class ConfigError(ValueError):
 
 
 ENGRAM_FUSIONS = ("per_branch", "single")
+ENGRAM_LOOKUPS = ("routed", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +42,8 @@ class EngramConfig:
       table_row_multiple: each layer's table is padded with unused rows to a multiple of this,
         so it splits into equal shards over any number of devices dividing it.
       lookup: how a table whose rows are split over devices is read: "routed" (each device
-        gathers the rows it owns, `sharding.routed_lookup`) or "auto" (the compiler's gather,
-        which all-reduces the whole output; kept for comparison).
+        gathers the rows it owns, `engram_jax.sharding.lookup.routed_lookup`) or "auto" (the
+        compiler's gather, which all-reduces the whole output; kept for comparison).
       gated: compute the context-aware gate; False fixes it at 1 (an ablation).
       fusion: "per_branch" (a gate per mHC stream, the output added to every stream) or
         "single" (the paper's ablation: one gate on the attention input after mHC's
@@ -79,7 +79,8 @@ class EngramConfig:
                f"({self.max_ngram_size - 1} entries)")
         _check(all(v >= 2 for v in self.vocab_size_per_ngram), "vocab_size_per_ngram",
                self.vocab_size_per_ngram, "every size must be >= 2")
-        _check(self.n_head_per_ngram >= 1, "n_head_per_ngram", self.n_head_per_ngram, "must be >= 1")
+        _check(self.n_head_per_ngram >= 1, "n_head_per_ngram", self.n_head_per_ngram,
+               "must be >= 1")
         _check(self.n_embed_per_ngram % self.n_head_per_ngram == 0, "n_embed_per_ngram",
                self.n_embed_per_ngram, f"must be divisible by n_head_per_ngram="
                f"{self.n_head_per_ngram}")
@@ -95,8 +96,8 @@ class EngramConfig:
                self.conv_dilation, "must be >= 1 or null")
         _check(self.table_row_multiple >= 1, "table_row_multiple", self.table_row_multiple,
                "must be >= 1")
-        _check(self.lookup in ("routed", "auto"), "lookup", self.lookup,
-               "must be 'routed' or 'auto'")
+        _check(self.lookup in ENGRAM_LOOKUPS, "lookup", self.lookup,
+               f"must be one of {ENGRAM_LOOKUPS}")
         _check(self.fusion in ENGRAM_FUSIONS, "fusion", self.fusion,
                f"must be one of {ENGRAM_FUSIONS}")
 
@@ -166,7 +167,10 @@ class MoEConfig:
 
 DTYPES = ("float32", "bfloat16", "float16")
 STREAM_MERGES = ("sum", "learned")
-REMAT_POLICIES = ("none", "full", "save_dots")
+# Per-block rematerialisation: config name -> the `jax.checkpoint_policies` member it uses
+# (None: no rematerialisation).
+REMAT_POLICIES = {"none": None, "full": "nothing_saveable",
+                  "save_dots": "dots_with_no_batch_dims_saveable"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +235,7 @@ class ModelConfig:
         check(self.stream_merge in STREAM_MERGES, "stream_merge", f"must be one of {STREAM_MERGES}")
         check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         check(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
-        check(self.remat in REMAT_POLICIES, "remat", f"must be one of {REMAT_POLICIES}")
+        check(self.remat in REMAT_POLICIES, "remat", f"must be one of {tuple(REMAT_POLICIES)}")
         if self.moe is not None:
             _check(self.moe.first_dense_layers <= self.num_layers, "first_dense_layers",
                    self.moe.first_dense_layers,
@@ -254,8 +258,9 @@ class ModelConfig:
         return self.moe is not None and layer >= self.moe.first_dense_layers
 
 
+# The device mesh's axes, in mesh order; `ShardingConfig` has one size field per axis. What each
+# axis splits is the rule table of `engram_jax.sharding.axes`.
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp", "expert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,28 +304,6 @@ class ShardingConfig:
             raise ConfigError(f"sharding: axes {dict(zip(MESH_AXES, sizes))} use "
                               f"{math.prod(sizes)} devices, but {num_devices} are available")
         return tuple(sizes)
-
-    def rules(self) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
-        """Logical axis name -> mesh axes, for parameters and activations."""
-        return (
-            ("batch", BATCH_AXES),
-            ("embed", "fsdp"),
-            ("vocab", "tensor"),
-            ("q_heads", "tensor"),
-            ("kv_heads", "tensor"),
-            ("mlp", "tensor"),
-            ("experts", "expert"),
-            ("expert_mlp", "tensor"),
-            ("engram_rows", self.engram_table_axes),
-            # Not split: named so that every parameter's axes resolve.
-            ("head_dim", None),
-            ("engram_cols", None),
-            ("engram_embed", None),
-            ("hc_streams", None),
-            ("hc_flat", None),
-            ("hc_coeffs", None),
-            ("conv_taps", None),
-        )
 
 
 DATA_SOURCES = ("stdlib", "text", "jsonl", "parquet", "array_record", "hf")
@@ -447,167 +430,3 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
-
-
-def _dataclass_of(annotation) -> type | None:
-    """The dataclass in `annotation` (a dataclass, or an optional one), else None."""
-    if dataclasses.is_dataclass(annotation):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
-        return inner[0] if len(inner) == 1 else None
-    return None
-
-
-def _coerce(value: Any, annotation, key: str) -> Any:
-    """Checks a plain value against its field type (ints for floats, and YAML's "1e-3"-style
-    strings for floats, are converted); raises ConfigError naming the key."""
-    options = (typing.get_args(annotation)
-               if typing.get_origin(annotation) in (typing.Union, types.UnionType)
-               else (annotation,))
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"{key}: must not be null")
-    for option in options:
-        origin = typing.get_origin(option) or option
-        if origin is bool and isinstance(value, bool):
-            return value
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if origin is float and not isinstance(value, bool):
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        if origin is str and isinstance(value, str):
-            return value
-        if origin is tuple and isinstance(value, (list, tuple)):
-            return tuple(value)
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{key}={value!r}: expected {names}")
-
-
-def from_dict(cls, values: Mapping[str, Any], prefix: str = ""):
-    """Builds dataclass `cls` (nested dataclasses included) from a mapping.
-
-    Unknown keys and wrongly-shaped sections raise `ConfigError` naming the dotted key.
-    """
-    where = prefix.rstrip(".") or cls.__name__
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known in {where}: "
-                          f"{', '.join(names)})")
-    kwargs = {}
-    for name, value in values.items():
-        nested = _dataclass_of(hints[name])
-        if nested is not None and value is not None:
-            value = from_dict(nested, value, prefix=f"{prefix}{name}.")
-        else:
-            value = _coerce(value, hints[name], f"{prefix}{name}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"{where}: {err}") from err
-
-
-def merge_nested(base: Mapping, override: Mapping) -> dict:
-    """`base` updated by `override`, merging nested mappings key by key."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_nested(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_yaml(path: str | pathlib.Path, _seen: tuple = ()) -> dict:
-    """Reads a YAML mapping, with errors that name the file.
-
-    A top-level `base: other.yaml` (relative to this file) is read first and this file's values
-    are merged over it.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    if "base" in data:
-        base_path = (path.parent / str(data.pop("base"))).resolve()
-        if base_path in _seen:
-            raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
-        data = merge_nested(load_yaml(base_path, _seen + (base_path,)), data)
-    return data
-
-
-def _load_section(path: str | pathlib.Path, section: str, cls):
-    data = load_yaml(path)
-    if section not in data:
-        raise ConfigError(f"{path}: no '{section}' section")
-    return from_dict(cls, data[section], prefix=f"{section}.")
-
-
-def load_engram_config(path: str | pathlib.Path) -> EngramConfig:
-    """Reads an `EngramConfig` from the `engram:` section of a YAML file."""
-    return _load_section(path, "engram", EngramConfig)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Applies `dotted.key=value` overrides (values parsed as YAML) to a nested dict."""
-    data = dict(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from err
-        node = data
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {key}: {'.'.join(parts[:depth + 1])} is not a section")
-            node[part] = child = dict(child)
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def load_config(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
-    """Reads a full `Config` from a YAML preset, with `dotted.key=value` overrides."""
-    return from_dict(Config, apply_overrides(load_yaml(path), list(overrides)))
-
-
-def config_to_dict(config) -> dict:
-    """A dataclass config as plain nested dicts and lists (YAML/JSON friendly)."""
-    return json_ready(dataclasses.asdict(config))
-
-
-def json_ready(value):
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
-
-
-def load_model_config(path: str | pathlib.Path) -> ModelConfig:
-    """Reads a `ModelConfig` from the `model:` section of a YAML preset."""
-    return _load_section(path, "model", ModelConfig)

@@ -1,4 +1,5 @@
-"""Tokenizer compression (DESIGN §2.1): map token ids that differ only in surface form to one id.
+"""Tokenizer compression: token ids that differ only in surface form map to one id (paper §2.2;
+docs/ARCHITECTURE.md, "Compression").
 
 Every id of the tokenizer (added tokens included) is decoded on its own, special tokens kept. A
 decoded text holding U+FFFD (a partial UTF-8 byte sequence) is keyed by its raw vocabulary string;
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Regex, normalizers
 
-from engram_jax.tokenizer import TextTokenizer
+from engram_jax.data.tokenizer import TextTokenizer
 
 _SENTINEL = "\ue000"  # private-use character standing in for a lone space through `Strip`
 REPLACEMENT_CHARACTER = "\ufffd"

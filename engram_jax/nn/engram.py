@@ -1,4 +1,7 @@
-"""The Engram module (DESIGN §2.4-2.8): pure functions for the math, an NNX module for parameters.
+"""The Engram module: pure functions for the math, an NNX module for the parameters.
+
+The steps and the equations they follow (the paper's §2 and the reference demo) are in
+docs/ARCHITECTURE.md, "The Engram module".
 
 Shapes: B batch, L length, G residual streams (hc_mult), D hidden width, K hash heads per layer
 ((N-1) * H), E = (N-1) * n_embed_per_ngram the width of the concatenated lookup.
@@ -6,34 +9,24 @@ Shapes: B batch, L length, G residual streams (hc_mult), D hidden width, K hash 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax.config import EngramConfig
-from engram_jax.hashing import head_table_sizes
-from engram_jax.normalization import rms_norm
-from engram_jax.params import logical_param
-from engram_jax.sharding import table_lookup, table_shards
+from engram_jax.config.schema import EngramConfig
+from engram_jax.nn.normalization import rms_norm
+from engram_jax.nn.params import logical_param
+from engram_jax.sharding.axes import (CONV_TAPS, EMBED, ENGRAM_COLS, ENGRAM_EMBED, ENGRAM_ROWS,
+                                      HC_STREAMS)
+from engram_jax.sharding.lookup import table_lookup, table_shards
+from engram_jax.table_layout import table_layout
 
 # The reference leaves the gate RMSNorms' eps unset, so PyTorch uses the input dtype's machine
 # epsilon; the gate is computed in float32, so that is float32's.
 GATE_NORM_EPS = float(np.finfo(np.float32).eps)
 CONV_NORM_EPS = 1e-5
 GATE_SQRT_FLOOR = 1e-6
-
-# Logical axis names of Engram parameters.
-ROWS, COLS, ENGRAM_EMBED, STREAMS, EMBED, CONV_TAPS = (
-    "engram_rows", "engram_cols", "engram_embed", "hc_streams", "embed", "conv_taps")
-
-
-def table_offsets(head_sizes: np.ndarray) -> np.ndarray:
-    """Exclusive prefix sum of the heads' table sizes: where each head's rows start (int32)."""
-    return np.concatenate([[0], np.cumsum(head_sizes)[:-1]]).astype(np.int32)
-
 
 def lookup_embeddings(table: jax.Array, offsets: jax.Array, hash_ids: jax.Array,
                       mode: str = "routed") -> jax.Array:
@@ -113,11 +106,6 @@ def short_conv(value: jax.Array, norm_scale: jax.Array, kernel: jax.Array,
     return jax.nn.silu(causal_depthwise_conv(normed, kernel.astype(jnp.float32), dilation))
 
 
-@functools.lru_cache(maxsize=None)
-def _layer_head_sizes(config: EngramConfig, layer_id: int) -> tuple[int, ...]:
-    return tuple(int(s) for s in head_table_sizes(config)[layer_id])
-
-
 class GateMean(nnx.Variable):
     """Mean gate per stream (G,) of the last call, for metrics; not a parameter."""
 
@@ -148,48 +136,46 @@ class Engram(nnx.Module):
         self.hidden_size = hidden_size
         self.hc_mult = hc_mult
         self.dtype = dtype
-        self.head_sizes = _layer_head_sizes(config, layer_id)
-        self.offsets = tuple(int(o) for o in table_offsets(np.asarray(self.head_sizes)))
+        self.layout = table_layout(config)[layer_id]
         e, d, g = config.embed_dim, hidden_size, hc_mult
         # PyTorch's default Linear init (uniform, bound 1/sqrt(fan_in)); biases start at zero.
         linear_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-2,
                                                         out_axis=-1)
         zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
-        self.num_rows = sum(self.head_sizes)  # rows in use; the table is padded beyond them
-        multiple = config.table_row_multiple
-        padded_rows = -(-self.num_rows // multiple) * multiple
-        table_shards(padded_rows)  # under a mesh: the rows must split evenly
+        table_shards(self.layout.padded_rows)  # under a mesh: the rows must split evenly
         self.table = logical_param(nnx.initializers.normal(1.0), rngs.params(),
-                                   (padded_rows, config.head_dim), param_dtype, (ROWS, COLS))
+                                   (self.layout.padded_rows, config.head_dim), param_dtype,
+                                   (ENGRAM_ROWS, ENGRAM_COLS))
         if config.gated:
             self.key_kernel = logical_param(linear_init, rngs.params(), (g, e, d), param_dtype,
-                                            (STREAMS, ENGRAM_EMBED, EMBED))
+                                            (HC_STREAMS, ENGRAM_EMBED, EMBED))
             self.key_bias = logical_param(zeros, rngs.params(), (g, d), param_dtype,
-                                          (STREAMS, EMBED))
+                                          (HC_STREAMS, EMBED))
             self.key_norm = logical_param(ones, rngs.params(), (g, d), param_dtype,
-                                          (STREAMS, EMBED))
+                                          (HC_STREAMS, EMBED))
             self.query_norm = logical_param(ones, rngs.params(), (g, d), param_dtype,
-                                            (STREAMS, EMBED))
+                                            (HC_STREAMS, EMBED))
         self.value_kernel = logical_param(linear_init, rngs.params(), (e, d), param_dtype,
                                           (ENGRAM_EMBED, EMBED))
         self.value_bias = logical_param(zeros, rngs.params(), (d,), param_dtype, (EMBED,))
         if config.short_conv:
             self.conv_norm = logical_param(ones, rngs.params(), (g, d), param_dtype,
-                                           (STREAMS, EMBED))
+                                           (HC_STREAMS, EMBED))
             # PyTorch's default depthwise Conv1d init has bound 1/sqrt(taps); the paper starts
             # at 0.
             conv_init = zeros if config.conv_zero_init else nnx.initializers.variance_scaling(
                 1 / 3, "fan_in", "uniform", in_axis=0, out_axis=())
             self.conv_kernel = logical_param(conv_init, rngs.params(), (config.kernel_size, g, d),
-                                             param_dtype, (CONV_TAPS, STREAMS, EMBED))
+                                             param_dtype, (CONV_TAPS, HC_STREAMS, EMBED))
         self.gate_mean = GateMean(jnp.full((g,), 0.5, jnp.float32))
 
     def embed(self, hash_ids: jax.Array) -> jax.Array:
         """(B, L, K) int32 hash ids -> (B, L, E) concatenated table rows in the compute dtype."""
-        if hash_ids.shape[-1] != len(self.head_sizes):
+        heads = len(self.layout.head_sizes)
+        if hash_ids.shape[-1] != heads:
             raise ValueError(f"hash ids have {hash_ids.shape[-1]} heads, layer {self.layer_id} "
-                             f"has {len(self.head_sizes)}")
-        offsets = jnp.asarray(self.offsets, dtype=jnp.int32)
+                             f"has {heads}")
+        offsets = jnp.asarray(self.layout.offsets, dtype=jnp.int32)
         return lookup_embeddings(self.table[...], offsets, hash_ids,
                                  self.config.lookup).astype(self.dtype)
 
@@ -207,8 +193,8 @@ class Engram(nnx.Module):
             raise ValueError(f"hidden states must be (batch, length, {self.hc_mult}, "
                              f"{self.hidden_size}), got {hidden.shape}")
         if hash_ids.shape[:2] != hidden.shape[:2]:
-            raise ValueError(f"hash ids {hash_ids.shape} and hidden states {hidden.shape} differ in "
-                             "batch or length")
+            raise ValueError(f"hash ids {hash_ids.shape} and hidden states {hidden.shape} "
+                             "differ in batch or length")
         memory = self.embed(hash_ids)
         gate = self.gates(hidden, memory)
         self.gate_mean[...] = jnp.mean(gate, axis=(0, 1))  # overwritten each call: no retrace

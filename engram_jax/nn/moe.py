@@ -1,4 +1,4 @@
-"""DeepSeekMoE: shared experts plus fine-grained routed experts (DESIGN §4).
+"""DeepSeekMoE: shared experts plus fine-grained routed experts (docs/ARCHITECTURE.md, "MoE").
 
 Routing: sigmoid affinities; the top-k experts are chosen by affinity + a balancing bias (used for
 selection only); the chosen affinities, normalised to sum to 1, weight the experts' outputs.
@@ -20,12 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from engram_jax.attention import scaled_normal
-from engram_jax.config import MoEConfig
-from engram_jax.ffn import SwiGLU
-from engram_jax.params import logical_param
-
-EMBED, EXPERTS, EXPERT_MLP = "embed", "experts", "expert_mlp"
+from engram_jax.config.schema import MoEConfig
+from engram_jax.nn.ffn import SwiGLU
+from engram_jax.nn.params import logical_param, scaled_normal
+from engram_jax.sharding.axes import EMBED, EXPERT_MLP, EXPERTS
 
 
 class RouterBias(nnx.Variable):

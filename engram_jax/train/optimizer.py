@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from engram_jax.config import TrainConfig
+from engram_jax.config.schema import TrainConfig
 
 BACKBONE, NO_DECAY, ENGRAM_TABLE = "backbone", "no_decay", "engram_table"
 NO_DECAY_NAMES = frozenset({"scale", "key_norm", "query_norm", "conv_norm", "key_bias",

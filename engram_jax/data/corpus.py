@@ -19,7 +19,7 @@ import sysconfig
 import threading
 from collections.abc import Iterator
 
-from engram_jax.config import DataConfig
+from engram_jax.config.schema import DataConfig
 
 _EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__",
                          "idle_test", "lib2to3"}

@@ -7,17 +7,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from engram_jax.params import logical_param
-
-EMBED, Q_HEADS, KV_HEADS, HEAD_DIM = "embed", "q_heads", "kv_heads", "head_dim"
-
-
-def scaled_normal(fan_in: int):
-    """Normal initialiser with standard deviation 1/sqrt(fan_in)."""
-    return nnx.initializers.normal(1.0 / np.sqrt(fan_in))
+from engram_jax.nn.params import logical_param, scaled_normal
+from engram_jax.sharding.axes import EMBED, HEAD_DIM, KV_HEADS, Q_HEADS
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from engram_jax.params import logical_param
+from engram_jax.nn.params import logical_param
+from engram_jax.sharding.axes import EMBED
 
 
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
@@ -20,7 +21,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm over the last axis (width `dim`), gain initialised to 1, output in `dtype`."""
 
     def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 axis_name: str = "embed", rngs: nnx.Rngs):
+                 axis_name: str = EMBED, rngs: nnx.Rngs):
         self.eps = eps
         self.dtype = dtype
         self.scale = logical_param(nnx.initializers.ones, rngs.params(), (dim,), param_dtype,

@@ -18,19 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax.attention import Attention, scaled_normal
-from engram_jax.config import ModelConfig
-from engram_jax.engram import Engram
-from engram_jax.ffn import SwiGLU
-from engram_jax.mhc import MHC, StreamMerge, expand_streams
-from engram_jax.moe import MoE
-from engram_jax.normalization import RMSNorm
-from engram_jax.params import logical_param
-from engram_jax.sharding import constrain
+from engram_jax.config.schema import REMAT_POLICIES, ModelConfig
+from engram_jax.nn.attention import Attention
+from engram_jax.nn.engram import Engram
+from engram_jax.nn.ffn import SwiGLU
+from engram_jax.nn.mhc import MHC, StreamMerge, expand_streams
+from engram_jax.nn.moe import MoE
+from engram_jax.nn.normalization import RMSNorm
+from engram_jax.nn.params import logical_param, scaled_normal
+from engram_jax.sharding.axes import BATCH, EMBED, VOCAB
+from engram_jax.sharding.mesh import constrain
 
-VOCAB, EMBED = "vocab", "embed"
-STREAMS_AXES = ("batch", None, None, None)  # activations (B, L, n, D): split the batch only
-REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+STREAMS_AXES = (BATCH, None, None, None)  # activations (B, L, n, D): split the batch only
 
 HashIds = Mapping[int, jax.Array]
 
@@ -124,8 +123,9 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(config.dtype))
         x = constrain(expand_streams(x, config.hc_mult), STREAMS_AXES)
         run = _run_block
-        if config.remat != "none":
-            run = nnx.remat(_run_block, policy=REMAT_POLICIES[config.remat])
+        if REMAT_POLICIES[config.remat] is not None:
+            policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[config.remat])
+            run = nnx.remat(_run_block, policy=policy)
         states = [x]
         for block in self.blocks:
             x = constrain(run(block, x, positions, hash_ids.get(block.layer)), STREAMS_AXES)
@@ -143,7 +143,7 @@ class Transformer(nnx.Module):
             logits = h @ self.embed[...].astype(jnp.float32).T / np.sqrt(self.config.hidden_size)
         else:
             logits = h @ self.head[...].astype(jnp.float32)
-        return constrain(logits, ("batch", None, VOCAB))
+        return constrain(logits, (BATCH, None, VOCAB))
 
     def __call__(self, tokens: jax.Array, hash_ids: HashIds | None = None,
                  positions: jax.Array | None = None) -> jax.Array:

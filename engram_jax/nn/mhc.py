@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (mHC, DESIGN §3).
+"""Manifold-constrained hyper-connections (arXiv 2512.24880; docs/ARCHITECTURE.md, "mHC").
 
 The residual stream is n streams wide: x has shape (B, L, n, C). Around each sublayer F:
 
@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax.normalization import rms_norm
-from engram_jax.params import logical_param
+from engram_jax.nn.normalization import rms_norm
+from engram_jax.nn.params import logical_param
+from engram_jax.sharding.axes import HC_COEFFS, HC_FLAT, HC_STREAMS
 
 COEFF_NORM_EPS = 1e-6
 GATE_INIT = 0.01  # a_pre, a_post, a_res
 RES_DIAG_INIT = 4.0  # b_res on the diagonal: Sinkhorn(b_res) starts near the identity
-STREAMS, FLAT, COEFFS = "hc_streams", "hc_flat", "hc_coeffs"
 
 
 def expand_streams(x: jax.Array, n: int) -> jax.Array:
@@ -108,16 +108,16 @@ class MHC(nnx.Module):
             return
         keys = rngs.params
         self.phi = logical_param(nnx.initializers.normal(1.0 / np.sqrt(n * width)), keys(),
-                                 (n * width, n * n + 2 * n), param_dtype, (FLAT, COEFFS))
+                                 (n * width, n * n + 2 * n), param_dtype, (HC_FLAT, HC_COEFFS))
         self.gates = logical_param(nnx.initializers.constant(GATE_INIT), keys(), (3,),
                                    param_dtype, (None,))
         self.bias_pre = logical_param(nnx.initializers.constant(-np.log(n - 1.0)), keys(), (n,),
-                                      param_dtype, (STREAMS,))
+                                      param_dtype, (HC_STREAMS,))
         self.bias_post = logical_param(nnx.initializers.zeros, keys(), (n,), param_dtype,
-                                       (STREAMS,))
+                                       (HC_STREAMS,))
         self.bias_res = logical_param(
             lambda key, shape, dtype: RES_DIAG_INIT * jnp.eye(n, dtype=dtype), keys(), (n, n),
-            param_dtype, (STREAMS, None))
+            param_dtype, (HC_STREAMS, None))
 
     def coefficients(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """pre, post, res of `x` (B, L, n, C); recomputed in the backward pass, not stored."""
@@ -151,11 +151,11 @@ class StreamMerge(nnx.Module):
         if self.mode == "learned":
             keys = rngs.params
             self.phi = logical_param(nnx.initializers.normal(1.0 / np.sqrt(n * width)), keys(),
-                                     (n * width, n), param_dtype, (FLAT, STREAMS))
+                                     (n * width, n), param_dtype, (HC_FLAT, HC_STREAMS))
             self.gate = logical_param(nnx.initializers.constant(GATE_INIT), keys(), (1,),
                                       param_dtype, (None,))
             self.bias = logical_param(nnx.initializers.constant(-np.log(n - 1.0)), keys(), (n,),
-                                      param_dtype, (STREAMS,))
+                                      param_dtype, (HC_STREAMS,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, L, n, C) -> (B, L, C)."""

@@ -6,10 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from engram_jax.attention import scaled_normal
-from engram_jax.params import logical_param
-
-EMBED, MLP = "embed", "mlp"
+from engram_jax.nn.params import logical_param, scaled_normal
+from engram_jax.sharding.axes import EMBED, MLP
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:

@@ -1,77 +1,20 @@
-"""N-gram hashing on the host (DESIGN §2.2-2.3), identical to the reference demo.
+"""N-gram hashing on the host, identical to the reference demo (docs/ARCHITECTURE.md, "Hashing").
 
 Token ids are compressed, then for every Engram layer and order n = 2..N the last n compressed
 ids are mixed with odd per-layer multipliers (multiply, XOR, int64 wrap-around) and reduced
-modulo one distinct prime per head. All int64 work happens here in numpy; the model receives
-int32 row ids and never needs `jax_enable_x64`.
+modulo one distinct prime per head (`engram_jax.table_layout`). All int64 work happens here in
+numpy; the model receives int32 row ids and never needs `jax_enable_x64`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from engram_jax.compression import CompressedTokenizer
-from engram_jax.config import EngramConfig
+from engram_jax.config.schema import EngramConfig
+from engram_jax.data.compression import CompressedTokenizer
+from engram_jax.table_layout import table_layout
 
 LAYER_SEED_STRIDE = 10007
-_INT32_MAX = np.iinfo(np.int32).max
-# Witnesses that make Miller-Rabin exact for every n < 3.3e24 (so for all int64 values).
-_MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
-
-
-def is_prime(n: int) -> bool:
-    """Deterministic primality test for integers below 3.3e24."""
-    if n < 2:
-        return False
-    for p in _MILLER_RABIN_BASES:
-        if n % p == 0:
-            return n == p
-    d, s = n - 1, 0
-    while d % 2 == 0:
-        d //= 2
-        s += 1
-    for a in _MILLER_RABIN_BASES:
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def next_prime(start: int, taken: set[int]) -> int:
-    """The smallest prime > start that is not in `taken`."""
-    candidate = start + 1
-    while not (is_prime(candidate) and candidate not in taken):
-        candidate += 1
-    return candidate
-
-
-def head_table_sizes(config: EngramConfig) -> dict[int, np.ndarray]:
-    """Prime table size of every head, in the reference's walk order.
-
-    Layers in `layer_ids` order, then orders 2..N, then heads: each (layer, order) starts at
-    `vocab_size_per_ngram[n-2] - 1` and each head takes the next prime no earlier head took.
-
-    Returns:
-      layer id -> int64 array of shape ((N-1) * H,), ordered [2-gram heads, 3-gram heads, ...].
-    """
-    taken: set[int] = set()
-    sizes = {}
-    for layer_id in config.layer_ids:
-        layer_sizes = []
-        for start_size in config.vocab_size_per_ngram:
-            current = start_size - 1
-            for _ in range(config.n_head_per_ngram):
-                current = next_prime(current, taken)
-                taken.add(current)
-                layer_sizes.append(current)
-        sizes[layer_id] = np.asarray(layer_sizes, dtype=np.int64)
-    return sizes
 
 
 def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int,
@@ -121,7 +64,8 @@ def ngram_hash_ids(compressed_ids: np.ndarray, multipliers: np.ndarray,
     if segment_ids is not None:
         segment_ids = np.asarray(segment_ids)
         if segment_ids.shape != ids.shape:
-            raise ValueError(f"segment_ids shape {segment_ids.shape} != token ids shape {ids.shape}")
+            raise ValueError(f"segment_ids shape {segment_ids.shape} != token ids shape "
+                             f"{ids.shape}")
     max_ngram_size = multipliers.shape[0]
     sizes = np.asarray(head_sizes, dtype=np.int64).reshape(max_ngram_size - 1, n_head_per_ngram)
     out = np.empty(ids.shape + (sizes.size,), dtype=np.int32)
@@ -165,11 +109,7 @@ class NgramHasher:
         self.compressor = compressor
         self.separator_id = separator_id
         self.pad_id = int(compressor.lookup[config.pad_id])
-        self.table_sizes = head_table_sizes(config)
-        for layer_id, sizes in self.table_sizes.items():
-            if int(sizes.sum()) > _INT32_MAX:
-                raise ValueError(f"layer {layer_id}: {int(sizes.sum())} table rows do not fit int32 "
-                                 "row ids; lower engram.vocab_size_per_ngram")
+        self.layout = table_layout(config)
         self.multipliers = {
             layer_id: layer_multipliers(config.seed, layer_id, config.max_ngram_size,
                                         compressor.compressed_vocab_size)
@@ -179,7 +119,8 @@ class NgramHasher:
                         segment_ids: np.ndarray | None = None) -> np.ndarray:
         """int32 (B, L, (N-1) * H) row ids of one layer from compressed ids."""
         return ngram_hash_ids(compressed_ids, self.multipliers[layer_id],
-                              self.table_sizes[layer_id], self.config.n_head_per_ngram,
+                              np.asarray(self.layout[layer_id].head_sizes),
+                              self.config.n_head_per_ngram,
                               self.pad_id, segment_ids)
 
     def __call__(self, token_ids: np.ndarray) -> dict[int, np.ndarray]:

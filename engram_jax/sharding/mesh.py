@@ -1,0 +1,84 @@
+"""Device meshes, the rules in force, sharding constraints by logical name, and global batches.
+
+Mode: every mesh axis is `AxisType.Auto`. Parameters are placed by the logical axis rules of
+`engram_jax.sharding.axes` (Flax shards them as they are created under `use_mesh`), activations
+get sharding constraints at block boundaries, and the compiler (GSPMD) partitions the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import spmd
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
+
+from engram_jax.config.schema import MESH_AXES, ShardingConfig
+from engram_jax.sharding.axes import BATCH_AXES, logical_axis_rules
+
+
+def make_mesh(config: ShardingConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with axes `MESH_AXES`, all of type Auto."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = config.axis_sizes(len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def default_mesh(config: ShardingConfig) -> Mesh | None:
+    """The mesh of `config` over all devices, or None when there is only one device."""
+    return make_mesh(config) if jax.device_count() > 1 else None
+
+
+@contextlib.contextmanager
+def use_mesh(config: ShardingConfig, mesh: Mesh | None):
+    """Within this context models are created sharded, and run sharded under `jax.jit`. With
+    `mesh` None (one device) it does nothing."""
+    if mesh is None:
+        yield None
+        return
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_axis_rules(config)):
+        yield mesh
+
+
+def mesh_axes_of(logical: str | None) -> tuple[str, ...]:
+    """The mesh axes the active rules map a logical name to (empty without a mesh)."""
+    if logical is None or jax.sharding.get_abstract_mesh().empty:
+        return ()
+    for name, axes in spmd.get_logical_axis_rules():
+        if name == logical:
+            if axes is None:
+                return ()
+            return (axes,) if isinstance(axes, str) else tuple(axes)
+    return ()
+
+
+def logical_spec(axes: Sequence[str | None]) -> P:
+    """PartitionSpec of logical axis names under the active rules."""
+    return P(*[mesh_axes_of(a) or None for a in axes])
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; does nothing without an active mesh."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(axes))
+
+
+def shard_shapes(array: jax.Array) -> list[tuple[int, ...]]:
+    """Shapes of the pieces of `array` on this process's devices."""
+    return [tuple(s.data.shape) for s in array.addressable_shards]
+
+
+def global_batch(local: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """The global array whose batch (first) dimension is split over `BATCH_AXES`, from this
+    process's consecutive part of it (`jax.make_array_from_process_local_data`); without a mesh,
+    the array on the default device."""
+    if mesh is None:
+        return jnp.asarray(local)
+    sharding = jax.sharding.NamedSharding(mesh, P(BATCH_AXES))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local))
