@@ -1,9 +1,10 @@
 """N-gram hashing on the host, identical to the reference demo (docs/ARCHITECTURE.md, "Hashing").
 
 Token ids are compressed, then for every Engram layer and order n = 2..N the last n compressed
-ids are mixed with odd per-layer multipliers (multiply, XOR, int64 wrap-around) and reduced
-modulo one distinct prime per head (`engram_jax.table_layout`). All int64 work happens here in
-numpy; the model receives int32 row ids and never needs `jax_enable_x64`.
+ids are mixed with odd per-layer multipliers (multiply and XOR in int64; the multipliers are
+small enough that no product overflows) and reduced modulo one distinct prime per head
+(`engram_jax.table_layout`). All int64 work happens here in numpy; the model receives int32 row
+ids and never needs `jax_enable_x64`.
 """
 
 from __future__ import annotations
