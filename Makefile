@@ -13,8 +13,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(VPY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
+# Test files run in parallel, one file per worker (its module fixtures are built once).
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n auto --dist loadfile tests
 
 train: $(STAMP)
 	$(VPY) train.py --config configs/small.yaml

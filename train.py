@@ -1,6 +1,8 @@
 """Train a model: `python train.py --config configs/small.yaml [dotted.key=value ...]`.
 
-Resumes from the newest checkpoint in `train.run_dir` when there is one. Examples:
+Resumes from the newest readable checkpoint in `train.run_dir` when there is one and the config
+matches it (`train.resume`: auto, allow, must, never); a finished run prints its final metrics.
+Bad config or data is one line on stderr and exit code 2. Examples:
   python train.py                                   # the default: configs/small.yaml
   python train.py --config configs/tiny.yaml train.steps=50 train.run_dir=runs/tiny
   python train.py data.source=text 'data.paths=["corpus/*.txt"]'
@@ -36,14 +38,15 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 2
+    from engram_jax.data.corpus import DataError
     from engram_jax.train.loop import train
     from engram_jax.train.metrics import NonFiniteLoss
 
     try:
         train(config, progress=not args.no_progress)
-    except NonFiniteLoss as err:
+    except (ConfigError, DataError, OSError, NonFiniteLoss) as err:  # one line, no traceback
         print(f"train.py: {err}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, NonFiniteLoss) else 2  # a diverged run, or bad input
     return 0
 
 

@@ -42,14 +42,15 @@ def main(argv=None) -> int:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     config, tokenizer = trained.config, trained.tokenizer
-    stream, bytes_per_token, documents = validation_stream(config.data, tokenizer)
-    hasher = make_hasher(config.model.engram, tokenizer, end_of_document_id(tokenizer))
+    stream, documents = validation_stream(config.data, tokenizer)
+    hasher = make_hasher(config.model.engram, tokenizer,
+                         end_of_document_id(tokenizer, config.data.eod_token))
     sample = batches(stream, config.data.seq_len, config.train.batch_size, hasher,
                      seed=0, repeat=False)  # the sample training evaluates on
     count = min(args.batches or config.train.eval_batches,
                 len(Windows(stream, config.data.seq_len)) // config.train.batch_size)
     result = evaluate(trained.model, sample, default_mesh(config.sharding), count,
-                      bytes_per_token)
+                      tokenizer.token_byte_lengths())
     print(json.dumps({"checkpoint_step": trained.step, "batches": count,
                       "data": dataclasses.asdict(config.data), "documents": documents,
                       **result}))

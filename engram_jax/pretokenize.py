@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     shards.write_shards(prepared.validation_tokens, out, "validation", 1)
     prepared.tokenizer.save(out / shards.TOKENIZER_DIR)
     shards.write_meta(out, {
-        "eod_id": prepared.eod_id, "validation_bytes": prepared.validation_bytes,
+        "eod_id": prepared.eod_id,
         "train_tokens": int(len(prepared.train_tokens)),
         "validation_tokens": int(len(prepared.validation_tokens)),
         "report": vars(prepared.report)})

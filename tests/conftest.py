@@ -1,11 +1,24 @@
-"""Test set-up: 8 fake CPU devices, made before jax is first imported; a small text corpus."""
+"""Test set-up: 8 fake CPU devices, made before jax is first imported; a compilation cache
+shared by this session's processes; a small text corpus."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The training subprocesses compile the same tiny programs again and again: a persistent cache,
+# new for each session (so nothing stale is ever read) and inherited by every subprocess, makes
+# each of them compile once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="engram_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

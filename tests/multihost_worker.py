@@ -22,7 +22,7 @@ def main():
     process_id, num_processes, port, steps = (int(a) for a in sys.argv[1:5])
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                                num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=60)
+                               initialization_timeout=600)
     losses = run_steps(steps, process_id, num_processes)
     print(json.dumps({"process": process_id, "devices": jax.device_count(), "losses": losses}),
           flush=True)

@@ -17,11 +17,11 @@ TINY = load_model_config("tiny")
 GLOBAL_BATCH, LENGTH = 8, 16
 
 
-def batch(step: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """The global batch of a step: tokens (B, L + 1) and hash ids of tokens[:, :-1] (every
+def batch(step: int, rows: int = GLOBAL_BATCH) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The global batch of a step: tokens (rows, L + 1) and hash ids of tokens[:, :-1] (every
     process builds it and keeps its own rows)."""
     tokens = np.random.default_rng(step).integers(0, TINY.vocab_size,
-                                                  (GLOBAL_BATCH, LENGTH + 1)).astype(np.int32)
+                                                  (rows, LENGTH + 1)).astype(np.int32)
     hasher = NgramHasher(TINY.engram, CompressedTokenizer.identity(TINY.vocab_size))
     return tokens, hasher(tokens[:, :-1])
 

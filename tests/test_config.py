@@ -117,3 +117,15 @@ def test_presets_ship_with_the_package_and_load_by_name(tmp_path, monkeypatch):
         load_config("nope")
     with pytest.raises(FileNotFoundError, match="elsewhere/tiny.yaml does not exist"):
         load_config("elsewhere/tiny.yaml")
+
+
+def test_tuple_elements_are_checked_and_one_path_is_a_list_of_one():
+    from engram_jax.config import load_config
+
+    with pytest.raises(ConfigError, match=r"model.engram.layer_ids\[0\]='a': expected int"):
+        load_config(CONFIGS / "tiny.yaml", ['model.engram.layer_ids=["a"]'])
+    with pytest.raises(ConfigError, match=r"vocab_size_per_ngram\[1\]=2.5: expected int"):
+        load_config(CONFIGS / "tiny.yaml", ["model.engram.vocab_size_per_ngram=[101, 2.5]"])
+    config = load_config(CONFIGS / "tiny.yaml", ["data.source=text", "data.paths=book.txt",
+                                                 "sharding.engram_table_axes=data"])
+    assert config.data.paths == ("book.txt",) and config.sharding.engram_table_axes == ("data",)

@@ -42,7 +42,7 @@ def test_bad_input_is_reported_not_lost(tmp_path):
     config = DataConfig(source="text", paths=(str(tmp_path / "*.txt"),))
     docs = dict(corpus.iter_documents(config, report))
     assert report.documents == 2 and report.empty_skipped == 1 and report.replaced_bytes == 2
-    assert docs[str(tmp_path / "latin1.txt")] == "caf\ufffd and na\ufffdve"
+    assert docs["latin1.txt"] == "caf\ufffd and na\ufffdve"  # keys: below the glob's directory
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         list(corpus.iter_documents(DataConfig(source="text", paths=(str(tmp_path / "nope.txt"),)),
                                    report))
@@ -52,7 +52,7 @@ def test_jsonl_and_parquet_fields(tmp_path):
     lines = [json.dumps({"text": f"document {i}"}) for i in range(3)] + ["", '{"body": "x"}']
     (tmp_path / "a.jsonl").write_text("\n".join(lines))
     config = DataConfig(source="jsonl", paths=(str(tmp_path / "a.jsonl"),))
-    with pytest.raises(KeyError, match="a.jsonl:5: no field 'text'"):
+    with pytest.raises(corpus.DataError, match="a.jsonl:5: no field 'text'"):
         list(corpus.iter_documents(config, corpus.CorpusReport()))
     (tmp_path / "a.jsonl").write_text("\n".join(lines[:4]))
     assert len(list(corpus.iter_documents(config, corpus.CorpusReport()))) == 3
@@ -63,8 +63,8 @@ def test_jsonl_and_parquet_fields(tmp_path):
     config = DataConfig(source="parquet", paths=(str(tmp_path / "a.parquet"),), field="content")
     report = corpus.CorpusReport()
     assert [t for _, t in corpus.iter_documents(config, report)] == ["one", "two"]
-    assert report.empty_skipped == 1
-    with pytest.raises(KeyError, match="no column 'text'"):
+    assert report.null_skipped == 1
+    with pytest.raises(corpus.DataError, match="no column 'text'"):
         list(corpus.iter_documents(DataConfig(source="parquet", paths=config.paths),
                                    corpus.CorpusReport()))
 
@@ -191,7 +191,7 @@ def test_pretokenized_array_record_round_trip(tmp_path):
     loaded = prepare.prepare_data(DataConfig(source="array_record", paths=(str(out),)))
     np.testing.assert_array_equal(loaded.train_tokens, direct.train_tokens)
     np.testing.assert_array_equal(loaded.validation_tokens, direct.validation_tokens)
-    assert loaded.eod_id == direct.eod_id and loaded.validation_bytes == direct.validation_bytes
+    assert loaded.eod_id == direct.eod_id
     with pytest.raises(FileNotFoundError, match="meta.json"):
         prepare.prepare_data(DataConfig(source="array_record", paths=(str(tmp_path),)))
 
@@ -217,5 +217,79 @@ def test_hugging_face_source_through_a_stand_in_module(monkeypatch):
     assert calls == [("org/corpus", "train")]
     assert docs == [("org/corpus:0", "first"), ("org/corpus:2", "third")]
     assert report.empty_skipped == 1
-    with pytest.raises(KeyError, match="no column 'text'"):
+    with pytest.raises(corpus.DataError, match="no column 'text'"):
         list(corpus.iter_documents(DataConfig(source="hf", hf_name="org/corpus"), report))
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    """null, non-string, empty and non-JSON records are never trained on: each is counted."""
+    lines = ['{"text": "kept one"}', '{"text": null}', '{"text": ["a", "list"]}', '{"text": 7}',
+             '{"text": "  "}', "not json at all", '{"text": "kept two"}']
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))
+    report = corpus.CorpusReport()
+    config = DataConfig(source="jsonl", paths=(str(tmp_path / "a.jsonl"),))
+    assert [t for _, t in corpus.iter_documents(config, report)] == ["kept one", "kept two"]
+    assert (report.null_skipped, report.non_string_skipped, report.empty_skipped,
+            report.invalid_json_skipped, report.skipped) == (1, 2, 1, 1, 5)
+    assert "1 null, 2 not text" in report.summary()
+    assert report.metrics()["data/null_skipped"] == 1
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(corpus.DataError, match="ints.parquet holds no usable document"):
+        corpus.split_documents(DataConfig(source="parquet",
+                                          paths=(str(tmp_path / "ints.parquet"),)))
+
+
+def test_a_source_with_nothing_usable_is_one_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(corpus.DataError, match="empty.txt holds no usable document"):
+        corpus.split_documents(DataConfig(source="text", paths=(str(tmp_path / "empty.txt"),)))
+
+
+def test_one_text_file_is_split_by_lines(tmp_path):
+    lines = [f"line {i} of the only file" for i in range(100)]
+    (tmp_path / "book.txt").write_text("\n".join(lines) + "\n")
+    train, validation, report = corpus.split_documents(
+        DataConfig(source="text", paths=str(tmp_path / "book.txt"), validation_percent=10))
+    assert report.documents == 1 and len(train) == len(validation) == 1
+    assert train[0] + validation[0] == (tmp_path / "book.txt").read_text()
+    share = len(validation[0]) / len(train[0] + validation[0])
+    assert validation[0].startswith("line 9") and 0.09 <= share <= 0.11  # by bytes, whole lines
+
+
+def test_the_end_of_document_token_comes_from_the_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from engram_jax.data.tokenizer import TextTokenizer
+
+    vocab = {"a": 0, "b": 1, "</s>": 2, "<s>": 3, "<|endoftext|>": 4}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    assert prepare.end_of_document_id(TextTokenizer(raw, eos_token="</s>")) == 2
+    assert prepare.end_of_document_id(TextTokenizer(raw)) == 4  # the conventional name
+    assert prepare.end_of_document_id(TextTokenizer(raw), "<s>") == 3  # data.eod_token
+    bare = Tokenizer(models.WordLevel({"a": 0, "<s>": 1}, unk_token="a"))
+    assert prepare.end_of_document_id(TextTokenizer(bare, bos_token="<s>")) == 1
+    with pytest.raises(corpus.DataError, match="set data.eod_token"):
+        prepare.end_of_document_id(TextTokenizer(bare))
+    with pytest.raises(corpus.DataError, match="data.eod_token='<eot>' is not a token"):
+        prepare.end_of_document_id(TextTokenizer(raw), "<eot>")
+    # A Hugging Face tokenizer directory names its tokens in tokenizer_config.json.
+    TextTokenizer(raw, eos_token="</s>", bos_token="<s>").save(tmp_path / "tok")
+    from engram_jax.data.tokenizer import load_tokenizer
+
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert (loaded.eos_token, loaded.bos_token) == ("</s>", "<s>")
+
+
+def test_token_byte_lengths_add_up_to_the_text_bytes():
+    from engram_jax.data.tokenizer import train_bpe_tokenizer
+
+    texts = ["caf\u00e9 na\u00efve r\u00e9sum\u00e9 " * 20, "plain ascii text here " * 20]
+    tokenizer = train_bpe_tokenizer(texts, 300)
+    lengths = tokenizer.token_byte_lengths()
+    eod = prepare.end_of_document_id(tokenizer)
+    stream = prepare.tokenize_stream(tokenizer, texts, eod)
+    assert lengths[eod] == 0
+    assert int(lengths[stream].sum()) == sum(len(t.encode("utf-8")) for t in texts)

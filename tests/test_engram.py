@@ -119,12 +119,23 @@ def test_causal(compressor):
         assert not np.allclose(out[:, t + 1], base[:, t + 1])
 
 
-def test_gates_strictly_between_zero_and_one(compressor):
-    module = _module()
-    _, hidden, ids = _inputs(compressor)
-    for scale in (1e-3, 1.0, 1e3):
-        gates = module.gates(hidden * scale, module.embed(ids))
-        assert float(gates.min()) > 0.0 and float(gates.max()) < 1.0
+def test_gates_equal_hand_computed_values():
+    """Keys fixed at ones (zero kernel, bias 1), so RMSNorm(k) = gain; queries along or against
+    ones. With D = 4: <1, 1> / sqrt(4) = 2, so g = sigmoid(sqrt(2)); a key gain of 2 doubles the
+    score to 4, so g = sigmoid(2); orthogonal queries give s = 0 and g = 1/2 exactly."""
+    width, streams = 4, 2
+    module = engram_lib.Engram(CONFIG, 2, width, streams, rngs=nnx.Rngs(0))
+    module.key_kernel[...] = jnp.zeros_like(module.key_kernel[...])
+    module.key_bias[...] = jnp.ones((streams, width))
+    module.key_norm[...] = jnp.array([[1.0] * width, [2.0] * width])
+    queries = np.array([[3.0, 3.0, 3.0, 3.0], [1.0, -1.0, 1.0, -1.0], [-0.5] * 4], np.float32)
+    hidden = jnp.asarray(np.repeat(queries[None, :, None, :], streams, axis=2))  # (1, 3, 2, 4)
+    gates = module.gates(hidden, jnp.zeros((1, 3, CONFIG.embed_dim)))
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))
+    expected = [[sigmoid(np.sqrt(2)), sigmoid(2.0)], [0.5, 0.5],
+                [sigmoid(-np.sqrt(2)), sigmoid(-2.0)]]
+    np.testing.assert_allclose(gates[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(expected[0], [0.8044296, 0.8807971], rtol=1e-6)
 
 
 def test_zero_conv_output_is_the_gated_value_exactly(compressor):

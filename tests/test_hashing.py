@@ -85,3 +85,16 @@ def test_hasher_errors(compressor):
                                  compressor)
     with pytest.raises(ValueError, match="shape \\(batch, length\\)"):
         hasher(np.arange(5))
+
+
+def test_sequences_shorter_than_the_ngram_order_read_padding():
+    """A 4-gram layer over sequences of 1 and 2 tokens: every missing position reads the pad
+    id, exactly as in a longer sequence's first positions."""
+    config = EngramConfig(vocab_size_per_ngram=(1009, 2003, 3001), max_ngram_size=4,
+                          layer_ids=(0,), pad_id=1)
+    hasher = hashing.NgramHasher(config, CompressedTokenizer.identity(50))
+    long = hasher(np.array([[7, 8, 9, 10, 11]]))[0]
+    for length in (1, 2):
+        np.testing.assert_array_equal(hasher(np.array([[7, 8, 9, 10, 11][:length]]))[0],
+                                      long[:, :length])
+    np.testing.assert_array_equal(hashing.shifted_tokens(np.array([[5, 6]]), 3, 0), [[0, 0]])

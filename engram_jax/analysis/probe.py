@@ -35,7 +35,7 @@ class Checkpoint:
     def hash_ids(self, tokens: np.ndarray) -> dict[int, jax.Array] | None:
         """This model's Engram row ids of int tokens (B, L); None without Engram."""
         hasher = make_hasher(self.config.model.engram, self.tokenizer,
-                             end_of_document_id(self.tokenizer))
+                             end_of_document_id(self.tokenizer, self.config.data.eod_token))
         if hasher is None:
             return None
         return {layer: jnp.asarray(ids) for layer, ids in hasher(np.asarray(tokens)).items()}
@@ -59,7 +59,7 @@ def validation_tokens(checkpoint: Checkpoint, sequences: int, seq_len: int | Non
                       seed: int = 0) -> np.ndarray:
     """int32 (sequences, seq_len) windows of the checkpoint's validation split, drawn without
     replacement with a fixed seed (seq_len defaults to the run's)."""
-    stream, _, _ = validation_stream(checkpoint.config.data, checkpoint.tokenizer)
+    stream, _ = validation_stream(checkpoint.config.data, checkpoint.tokenizer)
     seq_len = seq_len or checkpoint.config.data.seq_len
     windows = Windows(stream, seq_len)
     if sequences > len(windows):

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         config = checkpoint.config
         if config.model.engram is None:
             raise ValueError(f"checkpoint {checkpoint.label} has no Engram layers")
-        stream, _, _ = validation_stream(config.data, checkpoint.tokenizer)
+        stream, _ = validation_stream(config.data, checkpoint.tokenizer)
         seq_len = config.data.seq_len
         count = min(args.sequences or len(stream) // seq_len, len(stream) // seq_len)
         tokens = stream[:count * seq_len].reshape(count, seq_len)
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         print(f"table_usage: {err}", file=sys.stderr)
         return 2
     hasher = make_hasher(config.model.engram, checkpoint.tokenizer,
-                         end_of_document_id(checkpoint.tokenizer))
+                         end_of_document_id(checkpoint.tokenizer, config.data.eod_token))
     rows, hits = table_usage(hasher, tokens)
     path = probe.figure_path(args.out, "table_usage.png")
     plot(hits, config.model.engram.n_head_per_ngram, path)

@@ -58,8 +58,10 @@ def _dataclass_of(annotation) -> type | None:
 
 
 def _coerce(value: Any, annotation, key: str) -> Any:
-    """Checks a plain value against its field type (ints for floats, and YAML's "1e-3"-style
-    strings for floats, are converted); raises ConfigError naming the key."""
+    """Checks a plain value against its field type, raising ConfigError naming the key. Ints and
+    YAML's "1e-3"-style strings become floats where a float is expected; every element of a
+    tuple field is checked (`layer_ids[0]='a': expected int`), and one string where a tuple of
+    strings is expected is a tuple of one (`data.paths=corpus.txt`)."""
     options = (typing.get_args(annotation)
                if typing.get_origin(annotation) in (typing.Union, types.UnionType)
                else (annotation,))
@@ -83,8 +85,14 @@ def _coerce(value: Any, annotation, key: str) -> Any:
                     pass
         if origin is str and isinstance(value, str):
             return value
-        if origin is tuple and isinstance(value, (list, tuple)):
-            return tuple(value)
+        if origin is tuple:
+            element = next((a for a in typing.get_args(option) if a is not Ellipsis), None)
+            if element is str and isinstance(value, str):
+                return (value,)
+            if isinstance(value, (list, tuple)):
+                if element is None:
+                    return tuple(value)
+                return tuple(_coerce(item, element, f"{key}[{i}]") for i, item in enumerate(value))
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{key}={value!r}: expected {names}")
 

@@ -326,7 +326,10 @@ class DataConfig:
         path (or index), so the split never changes.
       tokenizer: a tokenizer file, directory or hub name; None trains (once, cached) a
         byte-level BPE of `tokenizer_vocab_size` on the training split.
-      seq_len: tokens per training sequence (documents are packed, separated by <|endoftext|>).
+      eod_token: the token that ends each document in the packed stream; None takes the
+        tokenizer's end-of-sequence token, else `<|endoftext|>`, else its beginning-of-sequence
+        token.
+      seq_len: tokens per training sequence (documents are packed, each ended by `eod_token`).
       num_threads: pipeline threads (tokenising is done up front; hashing runs here).
       prefetch: batches prepared ahead of the device.
       cache_dir: where tokenizers and tokenised corpora are cached (default: see
@@ -341,13 +344,15 @@ class DataConfig:
     validation_percent: float = 5.0
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 4096
+    eod_token: str | None = None
     seq_len: int = 256
     num_threads: int = 2
     prefetch: int = 4
     cache_dir: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "paths", tuple(self.paths))
+        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+        object.__setattr__(self, "paths", paths)
         check = lambda ok, field, why: _check(ok, field, getattr(self, field), why, "data")
         check(self.source in DATA_SOURCES, "source", f"must be one of {DATA_SOURCES}")
         check(self.source in ("stdlib", "hf") or bool(self.paths), "paths",
@@ -361,6 +366,7 @@ class DataConfig:
 
 
 SCHEDULES = ("cosine", "step", "constant")
+RESUME_POLICIES = ("auto", "allow", "must", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,6 +388,11 @@ class TrainConfig:
       log_every, eval_every, eval_batches: metrics and validation intervals (steps).
       checkpoint_every, keep_checkpoints: asynchronous checkpoint interval and retention.
       run_dir: where checkpoints, metrics.jsonl, TensorBoard events and plots go.
+      resume: what a run directory that holds checkpoints means: "auto" continues it when the
+        config is the same but for the settings that are safe to change (steps, logging,
+        evaluation, checkpoint interval; `engram_jax.train.run_dir.SAFE_ON_RESUME`) and refuses
+        it otherwise; "allow" continues it even so; "must" also refuses to start a new run;
+        "never" refuses to continue one.
       peak_flops: per-device peak FLOP/s for the MFU estimate; None picks a known value for the
         device kind (none for CPUs, so no MFU is reported there).
     """
@@ -405,6 +416,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     run_dir: str = "runs/small"
+    resume: str = "auto"
     peak_flops: float | None = None
 
     def __post_init__(self):
@@ -420,6 +432,7 @@ class TrainConfig:
         check(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         check(self.clip_norm >= 0, "clip_norm", "must be >= 0 (0 disables)")
+        check(self.resume in RESUME_POLICIES, "resume", f"must be one of {RESUME_POLICIES}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,8 @@ def shifted_tokens(ids: np.ndarray, shift: int, pad_value: int,
         return ids
     length = ids.shape[1]
     out = np.full_like(ids, pad_value)
+    if shift >= length:  # every position reads before the start
+        return out
     out[:, shift:] = ids[:, :length - shift]
     if segment_ids is not None:
         crosses = np.ones(ids.shape, dtype=bool)

@@ -13,6 +13,7 @@ import os
 import pathlib
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
@@ -34,21 +35,41 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+def _token_text(value) -> str | None:
+    """A special token of `tokenizer_config.json`: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
 class TextTokenizer:
-    """A `tokenizers.Tokenizer` plus the decode options a `transformers` config would add.
+    """A `tokenizers.Tokenizer` plus what a `transformers` tokenizer config would add.
 
     Args:
       tokenizer: the underlying fast tokenizer.
       clean_up_tokenization_spaces: whether `decode` removes spaces before punctuation, as
         `transformers` does when the tokenizer's `tokenizer_config.json` asks for it.
       name: where it came from (a path or hub name), for messages.
+      eos_token, bos_token: the end- and beginning-of-sequence tokens the config names, if any.
     """
 
     def __init__(self, tokenizer: Tokenizer, clean_up_tokenization_spaces: bool = False,
-                 name: str = "<in memory>"):
+                 name: str = "<in memory>", eos_token: str | None = None,
+                 bos_token: str | None = None):
         self.tokenizer = tokenizer
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.name = name
+        self.eos_token, self.bos_token = eos_token, bos_token
+
+    def options(self) -> dict:
+        """What `tokenizer_config.json` holds for this tokenizer."""
+        return {"clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+                "eos_token": self.eos_token, "bos_token": self.bos_token}
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer's JSON and options: equal exactly when it tokenises alike."""
+        text = self.tokenizer.to_str() + json.dumps(self.options(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def __len__(self) -> int:
         """Vocabulary size, added tokens included (what `len(transformers_tokenizer)` gives)."""
@@ -68,6 +89,24 @@ class TextTokenizer:
         if self.clean_up_tokenization_spaces:
             texts = [clean_up_tokenization(t) for t in texts]
         return texts
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """int32 (vocab,): the UTF-8 bytes each id stands for in decoded text, 0 for special
+        tokens (exact for byte-level BPE, whose token strings hold one character per byte; the
+        length of each id decoded alone otherwise). Summed over a sample's targets it gives the
+        sample's text bytes, for bits per byte."""
+        added = self.tokenizer.get_added_tokens_decoder()
+        byte_level = isinstance(self.tokenizer.decoder, decoders.ByteLevel)
+        texts = None if byte_level else self.decode_each(range(len(self)))
+        lengths = np.zeros(len(self), np.int32)
+        for i in range(len(self)):
+            if i in added:
+                lengths[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+            elif byte_level:
+                lengths[i] = len(self.tokenizer.id_to_token(i))
+            else:
+                lengths[i] = len(texts[i].encode("utf-8", "surrogatepass"))
+        return lengths
 
     def id_to_token(self, token_id: int) -> str:
         """The raw vocabulary string of one id (`convert_ids_to_tokens`)."""
@@ -93,8 +132,8 @@ class TextTokenizer:
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(directory / TOKENIZER_FILE))
-        config = {"clean_up_tokenization_spaces": self.clean_up_tokenization_spaces}
-        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+        options = {k: v for k, v in self.options().items() if v is not None}
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(options, indent=1) + "\n")
         return directory
 
 
@@ -114,18 +153,20 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> TextTokenizer:
         file = path / TOKENIZER_FILE
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer directory {path} has no {TOKENIZER_FILE}")
-        clean_up = False
+        config = {}
         config_file = path / TOKENIZER_CONFIG_FILE
         if config_file.is_file():
             try:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{config_file} is not valid JSON: {err}") from err
-            clean_up = bool(config.get("clean_up_tokenization_spaces", False))
         tokenizer = Tokenizer.from_file(str(file))
         # `transformers` (5.x) ignores the clean-up flag for BPE models: it would corrupt them.
-        clean_up = clean_up and not isinstance(tokenizer.model, models.BPE)
-        return TextTokenizer(tokenizer, clean_up, name=str(path))
+        clean_up = (bool(config.get("clean_up_tokenization_spaces", False))
+                    and not isinstance(tokenizer.model, models.BPE))
+        return TextTokenizer(tokenizer, clean_up, name=str(path),
+                             eos_token=_token_text(config.get("eos_token")),
+                             bos_token=_token_text(config.get("bos_token")))
     name = str(name_or_path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".json"):
         raise FileNotFoundError(f"tokenizer path {name} does not exist")
@@ -155,7 +196,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
         vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return TextTokenizer(tokenizer, name=f"byte-level BPE ({vocab_size})")
+    return TextTokenizer(tokenizer, name=f"byte-level BPE ({vocab_size})",
+                         eos_token=special_tokens[0] if special_tokens else None)
 
 
 def default_cache_dir() -> pathlib.Path:

@@ -8,6 +8,7 @@ get sharding constraints at block boundaries, and the compiler (GSPMD) partition
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import jax
@@ -17,7 +18,7 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
-from engram_jax.config.schema import MESH_AXES, ShardingConfig
+from engram_jax.config.schema import MESH_AXES, Config, ConfigError, ShardingConfig
 from engram_jax.sharding.axes import BATCH_AXES, logical_axis_rules
 
 
@@ -27,6 +28,30 @@ def make_mesh(config: ShardingConfig, devices: Sequence[jax.Device] | None = Non
     sizes = config.axis_sizes(len(devices))
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
+
+
+def check_batch_layout(config: Config, num_devices: int, num_processes: int) -> None:
+    """Checks, before any work, that the mesh fits the devices and the global batch (and each
+    gradient-accumulation micro-batch) splits evenly over processes and batch shards.
+
+    Raises:
+      ConfigError: naming `sharding.*`, `train.batch_size` or `train.grad_accum`.
+    """
+    sizes = dict(zip(MESH_AXES, config.sharding.axis_sizes(num_devices)))
+    shards = math.prod(sizes[a] for a in BATCH_AXES)
+    split = " x ".join(f"{a}={sizes[a]}" for a in BATCH_AXES)
+    batch, accum = config.train.batch_size, config.train.grad_accum
+    if batch % num_processes:
+        raise ConfigError(f"train.batch_size={batch}: must be divisible by the {num_processes} "
+                          "processes")
+    if batch % shards:
+        raise ConfigError(f"train.batch_size={batch}: must be divisible by the {shards} batch "
+                          f"shards of the mesh ({split})")
+    if (batch // accum) % shards:
+        raise ConfigError(f"train.grad_accum={accum}: micro-batches of {batch // accum} "
+                          f"sequences do not split into the {shards} batch shards of the mesh "
+                          f"({split}); make train.batch_size / train.grad_accum a multiple of "
+                          f"{shards}")
 
 
 def default_mesh(config: ShardingConfig) -> Mesh | None:

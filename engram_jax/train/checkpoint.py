@@ -5,7 +5,8 @@ Each step's checkpoint holds four items: `model` and `optimizer` (pure-dict NNX 
 the step). The model can be restored without the optimiser (evaluation, analysis). Saves are
 asynchronous and atomic (Orbax writes a temporary directory and renames it), the last `keep`
 are kept, and nothing is overwritten in place. Restoring walks back from the newest checkpoint:
-one that cannot be read is reported and the previous one is used.
+one that cannot be read is reported, renamed `<step>.unreadable` (kept, out of the way of the
+step that will be saved again) and the previous one is used.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from engram_jax.config.schema import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointMismatch(ConfigError):
+    """A readable checkpoint holds parameters of other shapes than the model (not corrupt)."""
 
 
 def _pure_state(obj: nnx.Module | nnx.Optimizer) -> dict:
@@ -39,9 +46,10 @@ def _load_into(obj: nnx.Module | nnx.Optimizer, values: dict) -> None:
 class Checkpointer:
     """Checkpoints of one run under `directory`."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 3, asynchronous: bool = True):
+    def __init__(self, directory: str | pathlib.Path, keep: int = 3, asynchronous: bool = True,
+                 create: bool = True):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=asynchronous)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -66,21 +74,70 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored.meta)
 
-    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
-                data_iterator=None) -> tuple[int, dict] | None:
-        """Restores the newest readable checkpoint into the objects given (the model always; the
-        optimiser and the data iterator when given); (step, meta) or None."""
+    def newest_meta(self) -> tuple[int, dict] | None:
+        """(step, metadata) of the newest checkpoint whose metadata can be read, or None;
+        unreadable ones are reported."""
         for step in reversed(self.steps()):
             try:
-                return step, self._restore(step, model, optimizer, data_iterator)
+                return step, self.read_meta(step)
             except Exception as err:  # a partial or corrupt checkpoint: fall back
-                message = (f"checkpoint {self.directory / str(step)} could not be read "
-                           f"({type(err).__name__}: {err}); trying the previous one")
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-                log.warning(message)
+                _report_unreadable(self.directory / str(step), err)
         return None
 
+    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
+                data_iterator=None, set_aside: bool = False) -> tuple[int, dict] | None:
+        """Restores the newest readable checkpoint into the objects given (the model always; the
+        optimiser and the data iterator when given); (step, meta) or None. With `set_aside`, the
+        unreadable checkpoints newer than it are renamed `<step>.unreadable`, so that training
+        can save those steps again."""
+        unreadable = []
+        for step in reversed(self.steps()):
+            try:
+                restored = step, self._restore(step, model, optimizer, data_iterator)
+            except CheckpointMismatch:
+                raise
+            except Exception as err:  # a partial or corrupt checkpoint: fall back
+                _report_unreadable(self.directory / str(step), err)
+                unreadable.append(step)
+                continue
+            if set_aside and unreadable:
+                self._set_aside(unreadable)
+            return restored
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        for step in steps:
+            path = self.directory / str(step)
+            target = path.with_name(f"{step}.unreadable")
+            suffix = 1
+            while target.exists():
+                target, suffix = path.with_name(f"{step}.unreadable{suffix}"), suffix + 1
+            path.rename(target)
+            log.warning("moved the unreadable checkpoint %s to %s", path, target)
+        self.manager.reload()
+
+    def _check_shapes(self, step: int, model: nnx.Module) -> None:
+        """Raises CheckpointMismatch when the stored model's shapes differ from `model`'s (an
+        unreadable metadata file is left to the restore, which falls back)."""
+        try:
+            stored = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "model")
+        except Exception:  # noqa: BLE001 - unreadable: the restore reports it
+            return
+        has_shape = lambda x: hasattr(x, "shape")
+        name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        shapes = lambda tree: {name(path): tuple(leaf.shape) for path, leaf in
+                               jax.tree_util.tree_leaves_with_path(tree, is_leaf=has_shape)}
+        before, now = shapes(stored), shapes(_abstract(model))
+        changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
+                   if before.get(k) != now.get(k)]
+        if changed:
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory / str(step)} holds parameters of other shapes than "
+                f"this model ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): "
+                "it was written by another model or code version; it is left as it is")
+
     def _restore(self, step: int, model, optimizer, data_iterator) -> dict:
+        self._check_shapes(step, model)
         items = dict(model=ocp.args.StandardRestore(_abstract(model)),
                      meta=ocp.args.JsonRestore())
         if optimizer is not None:
@@ -96,3 +153,10 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _report_unreadable(path: pathlib.Path, err: Exception) -> None:
+    message = (f"checkpoint {path} could not be read ({type(err).__name__}: {err}); trying the "
+               "previous one")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    log.warning(message)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -18,14 +20,18 @@ def to_device(batch: dict, mesh: Mesh | None) -> dict:
 
 
 def evaluate(model: nnx.Module, batches, mesh: Mesh | None, count: int,
-             bytes_per_token: float) -> dict:
-    """Validation loss, perplexity and bits per byte over the first `count` of `batches`."""
+             byte_lengths: np.ndarray) -> dict:
+    """Validation loss, perplexity and bits per byte over the first `count` of `batches`.
+
+    Bits per byte divide the sample's summed loss by the sample's own text bytes
+    (`byte_lengths`: int (V,) bytes per token, `TextTokenizer.token_byte_lengths`)."""
     graphdef, state = nnx.split(model)
-    total, tokens = 0.0, 0.0
+    lengths = jnp.asarray(byte_lengths, jnp.int32)
+    total, tokens, text_bytes = 0.0, 0.0, 0
     iterator = iter(batches)
     for _ in range(count):
-        nll, n = eval_sums(graphdef, state, to_device(next(iterator), mesh))
-        total, tokens = total + float(nll), tokens + float(n)
+        nll, n, b = eval_sums(graphdef, state, to_device(next(iterator), mesh), lengths)
+        total, tokens, text_bytes = total + float(nll), tokens + float(n), text_bytes + int(b)
     loss = total / tokens
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
-            "val_bits_per_byte": loss / math.log(2) / bytes_per_token}
+            "val_bits_per_byte": total / math.log(2) / max(text_bytes, 1)}

@@ -1,31 +1,74 @@
 """The training loop: `train(config)` runs (or resumes) a run in `config.train.run_dir`.
 
-Set-up (data, model and optimiser, the newest readable checkpoint), then one loop: the jitted
-`train_step` on each batch, then the hooks: metrics every `train.log_every` steps, validation
-every `train.eval_every`, a checkpoint every `train.checkpoint_every` and on SIGTERM. What the
-run directory holds is `engram_jax.train.run_dir`.
+Set-up first, so that every problem is found before any work: the config against the devices,
+the run directory (a finished run returns its final metrics; a run to continue must match its
+checkpoint's config, `engram_jax.train.run_dir.resume_point`), then the data, tokenised with the
+run's own tokenizer when it continues. Then one loop: the jitted `train_step` on each batch, and
+its hooks: metrics every `train.log_every` steps, validation every `train.eval_every`, a
+checkpoint every `train.checkpoint_every` and on SIGTERM. What the run directory holds is
+`engram_jax.train.run_dir`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 
 import jax
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from engram_jax.accounting import count_parameters
-from engram_jax.config.schema import Config
+from engram_jax.config.schema import Config, ConfigError
+from engram_jax.data.corpus import DataError
 from engram_jax.data.pipeline import make_hasher, training_batches, unigram_cross_entropy
-from engram_jax.data.prepare import prepare_data
-from engram_jax.sharding.mesh import default_mesh, use_mesh
+from engram_jax.data.prepare import PreparedData, data_fingerprint, prepare_data
+from engram_jax.sharding.mesh import check_batch_layout, default_mesh, use_mesh
 from engram_jax.train.evaluation import evaluate, to_device
 from engram_jax.train.metrics import (MetricsWriter, RowUsage, TrainLogger, device_peak_flops,
                                       plot_run)
 from engram_jax.train.optimizer import learning_rate_schedule
-from engram_jax.train.run_dir import RunDir, checkpoint_meta
+from engram_jax.train.run_dir import (ResumeError, ResumePoint, RunDir, checkpoint_meta,
+                                      resume_point)
 from engram_jax.train.signals import StopSignals
 from engram_jax.train.step import create_train_state, train_step
+
+
+def _evaluation_batches(config: Config, data: PreparedData) -> int:
+    """`train.eval_batches`, clamped (with a warning) to the batches the validation split holds.
+
+    Raises:
+      DataError: the validation split holds less than one batch.
+    """
+    windows = max(len(data.validation_tokens) - 1, 0) // config.data.seq_len
+    available = windows // config.train.batch_size
+    if available == 0:
+        raise DataError(f"data: the validation split holds {windows} sequences of "
+                        f"{config.data.seq_len + 1} tokens, fewer than one batch of "
+                        f"train.batch_size={config.train.batch_size}; raise "
+                        "data.validation_percent or add documents")
+    if config.train.eval_batches > available:
+        warnings.warn(f"train.eval_batches={config.train.eval_batches} is more than the "
+                      f"{available} batches of the validation split: evaluating on {available}",
+                      RuntimeWarning, stacklevel=3)
+    return min(config.train.eval_batches, available)
+
+
+def _prepare(config: Config, resume: ResumePoint | None, say, progress: bool) -> PreparedData:
+    """Reads and tokenises the data (with the run's own tokenizer when it continues) and checks
+    it against the run and the model."""
+    for change in resume.changed if resume else ():
+        say(f"train.resume=allow: {change}")
+    data = prepare_data(config.data, progress=progress,
+                        tokenizer=resume.tokenizer if resume else None)
+    if resume:
+        resume.check_data(data_fingerprint(data), allow=config.train.resume == "allow")
+    if len(data.tokenizer) > config.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                          f"tokenizer's {len(data.tokenizer)} ids")
+    return data
 
 
 def train(config: Config, progress: bool = True) -> dict:
@@ -33,17 +76,19 @@ def train(config: Config, progress: bool = True) -> dict:
     clock, cfg = time.perf_counter(), config.train
     run, is_main = RunDir(cfg.run_dir), jax.process_index() == 0
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
-    run.create()
-    data = prepare_data(config.data, progress=progress and is_main)
+    check_batch_layout(config, jax.device_count(), jax.process_count())
+    resume = resume_point(run, config)
+    if resume and resume.step >= cfg.steps and (final := run.final_metrics(resume.step)):
+        say(f"{run.path} finished at step {resume.step}: validation loss "
+            f"{final['val_loss']:.4f}; nothing to do (raise train.steps to continue)")
+        return final
+    data = _prepare(config, resume, say, progress and is_main)
     say(f"data: {data.report.summary()}; {len(data.train_tokens):,} training and "
         f"{len(data.validation_tokens):,} validation tokens")
-    if len(data.tokenizer) > config.model.vocab_size:
-        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                         f"tokenizer's {len(data.tokenizer)} ids")
+    cfg = dataclasses.replace(cfg, eval_batches=_evaluation_batches(config, data))
     hasher = make_hasher(config.model.engram, data.tokenizer, data.eod_id)
     if is_main:
-        run.write_config(config)
-        run.write_tokenizer(data.tokenizer)
+        run.create(config, data.tokenizer, resume.step if resume else 0)
     mesh = default_mesh(config.sharding)
     train_batches, validation_batches = training_batches(config, data, hasher)
     iterator = iter(train_batches)
@@ -57,16 +102,24 @@ def train(config: Config, progress: bool = True) -> dict:
     say(f"unigram baseline: validation loss {unigram:.3f} nats/token")
 
     checkpointer = run.checkpointer(keep=cfg.keep_checkpoints)
-    restored = checkpointer.restore(model, optimizer, iterator)
+    restored = checkpointer.restore(model, optimizer, iterator, set_aside=True) if resume else None
+    if resume and restored is None:
+        checkpointer.close()
+        raise ResumeError(f"no checkpoint in {checkpointer.directory} could be restored (see the "
+                          "warnings); move them away or choose a new train.run_dir")
     start = restored[0] if restored else 0
     if restored:
         say(f"resumed from {checkpointer.directory / str(start)} (step {start})")
+    meta = {"tokenizer": data.tokenizer, "data": data_fingerprint(data)}
     step_fn = nnx.jit(train_step, static_argnums=(3,), donate_argnums=(0, 1))
     writer = MetricsWriter(run, is_main)
+    if start == 0:
+        writer.write(0, {**data.report.metrics(), "unigram_loss": unigram})
     usage = RowUsage(hasher.layout if hasher is not None else None)
     logger = TrainLogger(writer, cfg.batch_size * config.data.seq_len,
                          learning_rate_schedule(cfg), counts.flops_per_token,
                          device_peak_flops(cfg.peak_flops), usage, start)
+    byte_lengths = np.asarray(data.tokenizer.token_byte_lengths())
     signals = StopSignals()
     bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step",
                disable=not (progress and is_main), dynamic_ncols=True)
@@ -83,8 +136,7 @@ def train(config: Config, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % cfg.eval_every == 0 or last:
                 logger.flush(step)
-                result = evaluate(model, validation_batches, mesh, cfg.eval_batches,
-                                  data.validation_bytes_per_token)
+                result = evaluate(model, validation_batches, mesh, cfg.eval_batches, byte_lengths)
                 writer.write(step, result)
                 final = {**logger.last, **result}
                 bar.write(f"step {step}: validation loss {result['val_loss']:.4f} "
@@ -94,7 +146,7 @@ def train(config: Config, progress: bool = True) -> dict:
             if step % cfg.checkpoint_every == 0 or last or stop:
                 logger.flush(step)
                 checkpointer.save(step, model, optimizer, iterator,
-                                  checkpoint_meta(config, data.tokenizer, step))
+                                  checkpoint_meta(config, **meta, step=step))
             if stop:
                 checkpointer.wait()
                 signals.inject(step)

@@ -3,30 +3,39 @@
 Layout of `train.run_dir`:
 
   config.yaml     the resolved config the run was started with
+  config-stepN.yaml  the config of a resume at step N, when it differs from those before
   tokenizer/      the tokenizer (`tokenizer.json`, `tokenizer_config.json`)
   checkpoints/    Orbax checkpoints, one directory per step (`engram_jax.train.checkpoint`);
                   each holds the model, the optimiser, the data iterator and `meta` (the
-                  resolved config, the tokenizer as JSON, the step)
-  metrics.jsonl   one JSON object per logging or evaluation step
+                  resolved config, the tokenizer and its sha256, a fingerprint of the data,
+                  the step)
+  metrics.jsonl   one JSON object per logging or evaluation step (step 0: the data's counts
+                  and the unigram baseline)
   result.json     the final metrics, written when the run reaches `train.steps`
   loss.png        training and validation loss (`python -m engram_jax.plot RUN_DIR`)
   events.*        TensorBoard events (when tensorboardX is installed)
 
-Training writes it (`engram_jax.train.loop`); evaluation, the analysis tools and the experiment
-sweeps read it through `RunDir` and `load_trained`.
+Nothing is overwritten in place. Training writes it (`engram_jax.train.loop`); evaluation, the
+analysis tools and the experiment sweeps read it through `RunDir` and `load_trained`.
+
+Resuming (`resume_point`): a run directory with checkpoints continues from the newest readable
+one, with the tokenizer stored in it, only when the config is the same except for the keys of
+`SAFE_ON_RESUME`; any other difference is refused with the list of keys, unless
+`train.resume: allow`. `train.resume: must` refuses to start a new run, `never` to continue one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 
 import yaml
 from flax import nnx
 
 from engram_jax.config.loader import apply_overrides, config_to_dict, from_dict
-from engram_jax.config.schema import Config
+from engram_jax.config.schema import Config, ConfigError, ModelConfig
 from engram_jax.data.tokenizer import TextTokenizer
 from engram_jax.nn.model import Transformer
 from engram_jax.sharding.mesh import default_mesh, use_mesh
@@ -72,18 +81,27 @@ class RunDir:
     def loss_plot(self) -> pathlib.Path:
         return self.path / self.LOSS_PLOT
 
-    def create(self) -> None:
+    def create(self, config: Config, tokenizer: TextTokenizer, resumed_at: int = 0) -> None:
+        """Makes the directory and writes the config and the tokenizer, each only once: a resume
+        at step N whose config differs from those before writes `config-step<N>.yaml` beside."""
         self.path.mkdir(parents=True, exist_ok=True)
+        name = self.CONFIG if not (self.path / self.CONFIG).exists() else (
+            f"config-step{resumed_at}.yaml")
+        text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+        previous = [p.read_text() for p in sorted(self.path.glob("config*.yaml"))]
+        if text not in previous and not (self.path / name).exists():
+            (self.path / name).write_text(text)
+        if not (self.path / self.TOKENIZER).exists():
+            tokenizer.save(self.path / self.TOKENIZER)
 
-    def write_config(self, config: Config) -> None:
-        (self.path / self.CONFIG).write_text(yaml.safe_dump(config_to_dict(config),
-                                                            sort_keys=False))
+    def checkpoint_steps(self) -> list[int]:
+        """Steps with a checkpoint directory (read from the file system: creates nothing)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit())
 
-    def write_tokenizer(self, tokenizer: TextTokenizer) -> None:
-        tokenizer.save(self.path / self.TOKENIZER)
-
-    def checkpointer(self, keep: int = 3, asynchronous: bool = True) -> Checkpointer:
-        return Checkpointer(self.checkpoints, keep=keep, asynchronous=asynchronous)
+    def checkpointer(self, keep: int = 3) -> Checkpointer:
+        return Checkpointer(self.checkpoints, keep=keep)
 
     def read_metrics(self) -> list[dict]:
         """The rows of `metrics.jsonl`."""
@@ -94,21 +112,164 @@ class RunDir:
                 if line.strip()]
 
     def write_result(self, values: dict) -> None:
-        """Writes the final metrics (through a temporary file: never half-written)."""
-        staging = self.path / f"{self.RESULT}.tmp"
+        """Writes the final metrics (through a temporary file: never half-written); the result
+        of an earlier end of the run (before `train.steps` was raised) is kept as
+        `result-step<N>.json`."""
+        path, earlier = self.path / self.RESULT, self.read_result()
+        if earlier is not None and earlier.get("step") != values.get("step"):
+            path.rename(self.path / f"result-step{earlier.get('step')}.json")
+        staging = self.path / f"{self.RESULT}.tmp{os.getpid()}"
         staging.write_text(json.dumps(values, indent=1) + "\n")
-        staging.rename(self.path / self.RESULT)
+        staging.rename(path)
 
     def read_result(self) -> dict | None:
         """The final metrics, or None when the run has not finished."""
         path = self.path / self.RESULT
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def final_metrics(self, step: int) -> dict | None:
+        """The final metrics of a run that reached `step`: `result.json`, else rebuilt (and
+        written) from `metrics.jsonl` when its rows of `step` hold a validation loss (a run
+        stopped between its last checkpoint and `result.json`); None otherwise."""
+        result = self.read_result()
+        if result is not None and result.get("step") == step:
+            return result
+        if not self.metrics.is_file():
+            return None
+        rows = self.read_metrics()
+        final = {k: v for r in rows if r["step"] == step for k, v in r.items()}
+        if "val_loss" not in final:
+            return None
+        start = {k: v for r in rows if r["step"] == 0 for k, v in r.items()}
+        final["unigram_loss"] = start.get("unigram_loss")
+        self.write_result(final)
+        return final
 
-def checkpoint_meta(config: Config, tokenizer: TextTokenizer, step: int) -> dict:
-    """The `meta` item saved with every checkpoint."""
-    return {"config": config_to_dict(config), "tokenizer": tokenizer.tokenizer.to_str(),
-            "step": step}
+
+# Settings a run may change when it is resumed: how long it runs (and so the length of the
+# learning-rate schedule), what it logs and evaluates, how often it checkpoints, where the
+# pipeline's threads and caches are. Anything else changes the model, the optimiser or the data
+# stream, and is refused unless `train.resume: allow`.
+SAFE_ON_RESUME = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.run_dir",
+                  "train.peak_flops", "train.resume", "data.num_threads", "data.prefetch",
+                  "data.cache_dir")
+
+
+class ResumeError(ConfigError):
+    """A run directory cannot be continued with this config."""
+
+
+def checkpoint_meta(config: Config, tokenizer: TextTokenizer, data: dict, step: int) -> dict:
+    """The `meta` item saved with every checkpoint: config, tokenizer, data fingerprint, step."""
+    return {"config": config_to_dict(config),
+            "tokenizer": {"json": tokenizer.tokenizer.to_str(), "options": tokenizer.options(),
+                          "sha256": tokenizer.fingerprint()},
+            "data": data, "step": step}
+
+
+def tokenizer_of(meta: dict, name: str) -> TextTokenizer:
+    """The tokenizer stored in a checkpoint's meta (earlier checkpoints hold only its JSON)."""
+    from tokenizers import Tokenizer
+
+    stored = meta["tokenizer"]
+    if isinstance(stored, str):
+        return TextTokenizer(Tokenizer.from_str(stored), name=name)
+    return TextTokenizer(Tokenizer.from_str(stored["json"]), name=name, **stored["options"])
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict, config: Config) -> list[str]:
+    """`key: saved -> now` for every dotted key outside `SAFE_ON_RESUME` that differs."""
+    before, now = _flat(saved), _flat(config_to_dict(config))
+    keys = sorted((set(before) | set(now)) - set(SAFE_ON_RESUME))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys
+            if before.get(k) != now.get(k)]
+
+
+def parameter_shape_changes(saved: ModelConfig, model: ModelConfig) -> list[str]:
+    """`path: saved shape -> shape` for every parameter whose shape (or presence) differs."""
+    def shapes(config):
+        abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+        return {"/".join(map(str, path)): tuple(v.shape)
+                for path, v in nnx.to_flat_state(nnx.state(abstract))}
+
+    before, now = shapes(saved), shapes(model)
+    return [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
+            if before.get(k) != now.get(k)]
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """Where a run continues: the newest readable checkpoint's step, its meta and tokenizer."""
+
+    step: int
+    meta: dict
+    tokenizer: TextTokenizer
+    changed: list[str]  # config differences that `train.resume: allow` accepted
+
+    def check_data(self, fingerprint: dict, allow: bool) -> None:
+        """Refuses a data stream other than the one the checkpoint was trained on."""
+        saved = self.meta.get("data")
+        if saved is None or saved == fingerprint or allow:
+            return
+        diffs = [f"{k}: {saved.get(k)!r} -> {fingerprint.get(k)!r}" for k in sorted(fingerprint)
+                 if saved.get(k) != fingerprint.get(k)]
+        raise ResumeError(f"the data differs from the data the checkpoint at step {self.step} "
+                          f"was trained on ({'; '.join(diffs)}): start a new run with "
+                          "train.run_dir=..., or continue anyway with train.resume=allow")
+
+
+def resume_point(run: RunDir, config: Config) -> ResumePoint | None:
+    """The checkpoint `config` continues in `run`, or None for a new run.
+
+    Raises:
+      ResumeError: `train.resume` forbids it (`must` without a checkpoint, `never` with one),
+        no checkpoint can be read, or the config differs outside `SAFE_ON_RESUME` (listing the
+        keys) and `train.resume` is not `allow`.
+    """
+    policy, steps = config.train.resume, run.checkpoint_steps()
+    if not steps:
+        if policy == "must":
+            raise ResumeError(f"train.resume=must, but {run.checkpoints} holds no checkpoint")
+        return None
+    if policy == "never":
+        raise ResumeError(f"train.run_dir={str(run.path)!r} already holds checkpoints (up to "
+                          f"step {steps[-1]}) and train.resume=never: choose a new "
+                          "train.run_dir")
+    checkpointer = Checkpointer(run.checkpoints, create=False)
+    try:
+        newest = checkpointer.newest_meta()
+    finally:
+        checkpointer.close()
+    if newest is None:
+        raise ResumeError(f"no checkpoint in {run.checkpoints} can be read; move it away or "
+                          "choose a new train.run_dir")
+    step, meta = newest
+    changed = config_differences(meta["config"], config)
+    if changed and policy != "allow":
+        listing = "\n  ".join(changed)
+        raise ResumeError(f"{run.path} was trained with another config; these keys differ from "
+                          f"its checkpoint at step {step}:\n  {listing}\nStart a new run with "
+                          "train.run_dir=..., or continue this one anyway with "
+                          f"train.resume=allow (safe to change: {', '.join(SAFE_ON_RESUME)})")
+    if changed:
+        saved_model = from_dict(Config, meta["config"]).model
+        moved = parameter_shape_changes(saved_model, config.model)
+        if moved:
+            raise ResumeError(f"the checkpoint at step {step} cannot be loaded into this model, "
+                              f"whose parameters differ: {'; '.join(moved[:5])}: start a new "
+                              "run with train.run_dir=...")
+    return ResumePoint(step, meta, tokenizer_of(meta, f"{run.path} tokenizer"), changed)
 
 
 @dataclasses.dataclass
@@ -130,18 +291,17 @@ def load_trained(path: str | pathlib.Path, data_overrides: list[str] = ()) -> Tr
       FileNotFoundError: no such directory, or it holds no checkpoint.
       RuntimeError: no checkpoint could be read.
     """
-    from tokenizers import Tokenizer
-
     run = RunDir.containing(path)
-    checkpointer = run.checkpointer()
+    if not run.checkpoint_steps():
+        raise FileNotFoundError(f"{run.checkpoints} holds no checkpoint")
+    checkpointer = Checkpointer(run.checkpoints, create=False)
     try:
-        steps = checkpointer.steps()
-        if not steps:
-            raise FileNotFoundError(f"{run.checkpoints} holds no checkpoint")
-        meta = checkpointer.read_meta(steps[-1])
+        newest = checkpointer.newest_meta()
+        if newest is None:
+            raise RuntimeError(f"no checkpoint in {run.checkpoints} could be read")
+        meta = newest[1]
         config = from_dict(Config, apply_overrides(meta["config"], list(data_overrides)))
-        tokenizer = TextTokenizer(Tokenizer.from_str(meta["tokenizer"]),
-                                  name=f"{run.path} tokenizer")
+        tokenizer = tokenizer_of(meta, f"{run.path} tokenizer")
         with use_mesh(config.sharding, default_mesh(config.sharding)):
             model = Transformer(config.model, rngs=nnx.Rngs(0))
         restored = checkpointer.restore(model)

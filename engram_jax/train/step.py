@@ -66,10 +66,12 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict,
 
 
 @jax.jit(static_argnums=0)
-def eval_sums(graphdef, state, batch) -> tuple[jax.Array, jax.Array]:
-    """(summed NLL, token count) of a batch; the model's state is left untouched."""
+def eval_sums(graphdef, state, batch, byte_lengths) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed NLL, token count, text bytes) of a batch's targets; `byte_lengths` int32 (V,)
+    gives each token's bytes. The model's state is left untouched."""
     model = nnx.merge(graphdef, state)
     tokens = batch["tokens"]
     logits = model(tokens[:, :-1], batch["hash_ids"])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+    return (jnp.sum(nll), jnp.asarray(nll.size, jnp.float32),
+            jnp.sum(byte_lengths[tokens[:, 1:]]))
