@@ -116,7 +116,7 @@ class Checkpointer:
             log.warning("moved the unreadable checkpoint %s to %s", path, target)
         self.manager.reload()
 
-    def _check_shapes(self, step: int, model: nnx.Module) -> None:
+    def check_shapes(self, step: int, model: nnx.Module) -> None:
         """Raises CheckpointMismatch when the stored model's shapes differ from `model`'s (an
         unreadable metadata file is left to the restore, which falls back)."""
         try:
@@ -137,7 +137,7 @@ class Checkpointer:
                 "it was written by another model or code version; it is left as it is")
 
     def _restore(self, step: int, model, optimizer, data_iterator) -> dict:
-        self._check_shapes(step, model)
+        self.check_shapes(step, model)
         items = dict(model=ocp.args.StandardRestore(_abstract(model)),
                      meta=ocp.args.JsonRestore())
         if optimizer is not None:

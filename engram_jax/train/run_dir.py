@@ -35,7 +35,7 @@ import yaml
 from flax import nnx
 
 from engram_jax.config.loader import apply_overrides, config_to_dict, from_dict
-from engram_jax.config.schema import Config, ConfigError, ModelConfig
+from engram_jax.config.schema import Config, ConfigError
 from engram_jax.data.tokenizer import TextTokenizer
 from engram_jax.nn.model import Transformer
 from engram_jax.sharding.mesh import default_mesh, use_mesh
@@ -196,18 +196,6 @@ def config_differences(saved: dict, config: Config) -> list[str]:
             if before.get(k) != now.get(k)]
 
 
-def parameter_shape_changes(saved: ModelConfig, model: ModelConfig) -> list[str]:
-    """`path: saved shape -> shape` for every parameter whose shape (or presence) differs."""
-    def shapes(config):
-        abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-        return {"/".join(map(str, path)): tuple(v.shape)
-                for path, v in nnx.to_flat_state(nnx.state(abstract))}
-
-    before, now = shapes(saved), shapes(model)
-    return [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
-            if before.get(k) != now.get(k)]
-
-
 @dataclasses.dataclass
 class ResumePoint:
     """Where a run continues: the newest readable checkpoint's step, its meta and tokenizer."""
@@ -236,6 +224,7 @@ def resume_point(run: RunDir, config: Config) -> ResumePoint | None:
       ResumeError: `train.resume` forbids it (`must` without a checkpoint, `never` with one),
         no checkpoint can be read, or the config differs outside `SAFE_ON_RESUME` (listing the
         keys) and `train.resume` is not `allow`.
+      CheckpointMismatch: the checkpoint's parameters have other shapes than this model's.
     """
     policy, steps = config.train.resume, run.checkpoint_steps()
     if not steps:
@@ -249,26 +238,21 @@ def resume_point(run: RunDir, config: Config) -> ResumePoint | None:
     checkpointer = Checkpointer(run.checkpoints, create=False)
     try:
         newest = checkpointer.newest_meta()
+        if newest is None:
+            raise ResumeError(f"no checkpoint in {run.checkpoints} can be read; move it away or "
+                              "choose a new train.run_dir")
+        step, meta = newest
+        changed = config_differences(meta["config"], config)
+        if changed and policy != "allow":
+            listing = "\n  ".join(changed)
+            raise ResumeError(f"{run.path} was trained with another config; these keys differ "
+                              f"from its checkpoint at step {step}:\n  {listing}\nStart a new "
+                              "run with train.run_dir=..., or continue this one anyway with "
+                              f"train.resume=allow (safe to change: {', '.join(SAFE_ON_RESUME)})")
+        checkpointer.check_shapes(step, nnx.eval_shape(
+            lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
     finally:
         checkpointer.close()
-    if newest is None:
-        raise ResumeError(f"no checkpoint in {run.checkpoints} can be read; move it away or "
-                          "choose a new train.run_dir")
-    step, meta = newest
-    changed = config_differences(meta["config"], config)
-    if changed and policy != "allow":
-        listing = "\n  ".join(changed)
-        raise ResumeError(f"{run.path} was trained with another config; these keys differ from "
-                          f"its checkpoint at step {step}:\n  {listing}\nStart a new run with "
-                          "train.run_dir=..., or continue this one anyway with "
-                          f"train.resume=allow (safe to change: {', '.join(SAFE_ON_RESUME)})")
-    if changed:
-        saved_model = from_dict(Config, meta["config"]).model
-        moved = parameter_shape_changes(saved_model, config.model)
-        if moved:
-            raise ResumeError(f"the checkpoint at step {step} cannot be loaded into this model, "
-                              f"whose parameters differ: {'; '.join(moved[:5])}: start a new "
-                              "run with train.run_dir=...")
     return ResumePoint(step, meta, tokenizer_of(meta, f"{run.path} tokenizer"), changed)
 
 
