@@ -56,19 +56,21 @@ def _evaluation_batches(config: Config, data: PreparedData) -> int:
     return min(config.train.eval_batches, available)
 
 
-def _prepare(config: Config, resume: ResumePoint | None, say, progress: bool) -> PreparedData:
+def _prepare(config: Config, resume: ResumePoint | None, say,
+             progress: bool) -> tuple[PreparedData, dict]:
     """Reads and tokenises the data (with the run's own tokenizer when it continues) and checks
-    it against the run and the model."""
+    it against the run and the model; returns it with its fingerprint."""
     for change in resume.changed if resume else ():
         say(f"train.resume=allow: {change}")
     data = prepare_data(config.data, progress=progress,
                         tokenizer=resume.tokenizer if resume else None)
+    fingerprint = data_fingerprint(data)
     if resume:
-        resume.check_data(data_fingerprint(data), allow=config.train.resume == "allow")
+        resume.check_data(fingerprint, allow=config.train.resume == "allow")
     if len(data.tokenizer) > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                           f"tokenizer's {len(data.tokenizer)} ids")
-    return data
+    return data, fingerprint
 
 
 def train(config: Config, progress: bool = True) -> dict:
@@ -82,7 +84,7 @@ def train(config: Config, progress: bool = True) -> dict:
         say(f"{run.path} finished at step {resume.step}: validation loss "
             f"{final['val_loss']:.4f}; nothing to do (raise train.steps to continue)")
         return final
-    data = _prepare(config, resume, say, progress and is_main)
+    data, fingerprint = _prepare(config, resume, say, progress and is_main)
     say(f"data: {data.report.summary()}; {len(data.train_tokens):,} training and "
         f"{len(data.validation_tokens):,} validation tokens")
     cfg = dataclasses.replace(cfg, eval_batches=_evaluation_batches(config, data))
@@ -110,7 +112,7 @@ def train(config: Config, progress: bool = True) -> dict:
     start = restored[0] if restored else 0
     if restored:
         say(f"resumed from {checkpointer.directory / str(start)} (step {start})")
-    meta = {"tokenizer": data.tokenizer, "data": data_fingerprint(data)}
+    meta = {"tokenizer": data.tokenizer, "data": fingerprint}
     step_fn = nnx.jit(train_step, static_argnums=(3,), donate_argnums=(0, 1))
     writer = MetricsWriter(run, is_main)
     if start == 0:
