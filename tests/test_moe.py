@@ -1,14 +1,17 @@
-"""DeepSeekMoE: routing, dropless and capacity dispatch against a per-token loop, balancing."""
+"""DeepSeekMoE: routing, dropless and capacity dispatch against a per-token loop, balancing, and
+the sharded dispatch (batch shards, expert-parallel all-to-all) against the same loop."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+from engram_jax.config import MoEConfig, ShardingConfig
 from engram_jax.nn import moe as moe_lib
-from engram_jax.config import MoEConfig
+from engram_jax.sharding import global_batch, make_mesh, use_mesh
 
 D = 16
 CONFIG = MoEConfig(num_routed_experts=6, num_shared_experts=1, top_k=2, expert_hidden_size=8,
@@ -121,3 +124,94 @@ def test_router_bias_is_not_a_parameter():
     grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 3, D)))))(layer)
     names = {path[-1] for path, _ in nnx.to_flat_state(grads)}
     assert "router_kernel" in names and "router_bias" not in names and "expert_load" not in names
+
+
+# On a mesh each batch shard dispatches its own tokens; with experts split over `expert`, rows
+# travel by all-to-all. Meshes over the 8 fake devices of the conftest.
+SPLIT = MoEConfig(num_routed_experts=8, num_shared_experts=1, top_k=2, expert_hidden_size=8)
+EXPERT_MESHES = {
+    "data8": ShardingConfig(data=8),
+    "fsdp2_tensor2_expert2": ShardingConfig(fsdp=2, tensor=2, expert=2),
+    "data2_expert4": ShardingConfig(data=2, expert=4),
+    "expert8": ShardingConfig(data=1, expert=8),
+}
+
+
+def _on_mesh(sharding, config, x, bias=None):
+    """Output, input gradient and expert load of the layer on a mesh (same initial weights)."""
+    mesh = make_mesh(sharding)
+    with use_mesh(sharding, mesh):
+        layer = _layer(config)
+        if bias is not None:
+            layer.router_bias[...] = bias
+
+        out, dx = _output_and_input_grad(layer, global_batch(np.asarray(x), mesh))
+        return np.asarray(out), np.asarray(dx), np.asarray(layer.expert_load[...])
+
+
+@nnx.jit
+def _output_and_input_grad(layer, x):
+    """The layer's output and the gradient of sum(sin(output)) with respect to x."""
+    def loss(layer, x):
+        out = layer(x)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, out), dx = nnx.value_and_grad(loss, argnums=1, has_aux=True)(layer, x)
+    return out, dx
+
+
+@pytest.mark.parametrize("name", EXPERT_MESHES)
+@pytest.mark.parametrize("skew", [False, True], ids=["spread", "all_on_one_shard"])
+def test_sharded_dropless_equals_the_loop(name, skew):
+    x = jax.random.normal(jax.random.key(6), (8, 6, D))
+    # Skewed: every token picks experts 0 and 1, held by one shard; its buffers overflow and the
+    # exchange falls back to full-size buffers.
+    bias = jnp.zeros(8).at[:2].set(50.0) if skew else None
+    out, dx, load = _on_mesh(EXPERT_MESHES[name], SPLIT, x, bias)
+    layer = _layer(SPLIT)
+    if bias is not None:
+        layer.router_bias[...] = bias
+    np.testing.assert_allclose(out.reshape(-1, D), _naive(layer, x.reshape(-1, D)), rtol=2e-5,
+                               atol=2e-5)
+    _, ref_dx = _output_and_input_grad(layer, x)
+    np.testing.assert_allclose(dx, ref_dx, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(load, layer.expert_load[...])  # the global load
+    if skew:
+        assert load[:2].sum() == x.shape[0] * x.shape[1] * 2
+
+
+@pytest.mark.parametrize("name", ["data8", "data2_expert4"])
+def test_sharded_capacity_mode_keeps_per_shard_capacity(name):
+    """Capacity applies to each batch shard's tokens: the loop run on each sequence alone (the
+    meshes give each of the 8 shards one sequence)."""
+    config = dataclasses.replace(SPLIT, capacity_factor=0.75)
+    x = jax.random.normal(jax.random.key(7), (8, 6, D))
+    out, _, _ = _on_mesh(EXPERT_MESHES[name], config, x)
+    layer = _layer(config)
+    capacity = moe_lib.expert_capacity(6, 2, 8, 0.75)
+    for row in range(8):
+        np.testing.assert_allclose(out[row], _naive(layer, x[row], capacity), rtol=2e-5,
+                                   atol=2e-5, err_msg=f"sequence {row}")
+
+
+def test_exchange_with_buffers_exactly_full_equals_local_dispatch():
+    """Balanced assignments fill every per-destination buffer exactly (no fallback)."""
+    shards, tokens, k, experts_total = 4, 8, 2, 8
+    mesh = jax.make_mesh((shards,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:shards])
+    layer = _layer(SPLIT)
+    weights_ = [layer.w_gate[...], layer.w_up[...], layer.w_down[...]]
+    x = jax.random.normal(jax.random.key(8), (shards * tokens, D))
+    # Token t of each shard sends its j-th assignment to expert (2t + j) mod 8: each of the 8
+    # experts gets 2 of a shard's 16 assignments, so each destination shard gets 4.
+    local = (2 * jnp.arange(tokens)[:, None] + jnp.arange(k)[None]) % experts_total
+    experts = jnp.tile(local, (shards, 1)).astype(jnp.int32)
+    gate = jax.nn.softmax(jax.random.normal(jax.random.key(9), (shards * tokens, k)))
+    spec = jax.sharding.PartitionSpec("expert")
+    exchanged = jax.jit(jax.shard_map(
+        lambda *a: moe_lib.exchange_dispatch(*a, axis_name="expert", num_shards=shards,
+                                             capacity=tokens * k // shards),
+        mesh=mesh, in_specs=(spec, spec, spec, spec, spec, spec), out_specs=spec,
+        check_vma=False))(x, experts, gate, *weights_)
+    expected = moe_lib.dispatch_dropless(x, experts, gate, *weights_)
+    np.testing.assert_allclose(exchanged, expected, rtol=2e-5, atol=2e-6)

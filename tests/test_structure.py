@@ -23,7 +23,7 @@ LAYERS = (
     ("accounting", "interop"),
     ("train",),
     ("analysis", "experiments"),
-    ("evaluate", "plot", "pretokenize"),
+    ("aot", "evaluate", "plot", "pretokenize"),
 )
 
 

@@ -138,8 +138,12 @@ class MoEConfig:
       first_dense_layers: the first k blocks use the dense FFN instead.
       bias_update_rate: step of the auxiliary-loss-free balancing bias, per update.
       capacity_factor: None for dropless dispatch; else each expert takes at most
-        ceil(capacity_factor * tokens * top_k / num_routed_experts) tokens and drops the rest.
+        ceil(capacity_factor * tokens * top_k / num_routed_experts) tokens and drops the rest
+        (on a mesh: of each batch shard's tokens).
       routed_scale: multiplier of the normalised routing weights.
+      exchange_capacity: with experts split over devices (`sharding.expert` > 1), the buffer
+        each device sends to each other, as a multiple of the balanced load; a step in which one
+        would overflow uses buffers that hold everything, so dropless dispatch stays exact.
     """
 
     num_routed_experts: int = 8
@@ -150,6 +154,7 @@ class MoEConfig:
     bias_update_rate: float = 1e-3
     capacity_factor: float | None = None
     routed_scale: float = 1.0
+    exchange_capacity: float = 2.0
 
     def __post_init__(self):
         check = lambda ok, field, why: _check(ok, field, getattr(self, field), why, "model.moe")
@@ -163,6 +168,7 @@ class MoEConfig:
         check(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
               "must be > 0 or null (dropless)")
         check(self.routed_scale > 0, "routed_scale", "must be > 0")
+        check(self.exchange_capacity > 0, "exchange_capacity", "must be > 0")
 
 
 DTYPES = ("float32", "bfloat16", "float16")

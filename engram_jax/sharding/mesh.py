@@ -30,14 +30,22 @@ def make_mesh(config: ShardingConfig, devices: Sequence[jax.Device] | None = Non
                          devices=devices)
 
 
-def check_batch_layout(config: Config, num_devices: int, num_processes: int) -> None:
-    """Checks, before any work, that the mesh fits the devices and the global batch (and each
-    gradient-accumulation micro-batch) splits evenly over processes and batch shards.
+def check_layout(config: Config, num_devices: int, num_processes: int) -> None:
+    """Checks, before any work, that the mesh fits the devices, the global batch (and each
+    gradient-accumulation micro-batch) splits evenly over processes and batch shards, and the
+    routed experts split evenly over the `expert` axis and their hidden units over `tensor`.
 
     Raises:
-      ConfigError: naming `sharding.*`, `train.batch_size` or `train.grad_accum`.
+      ConfigError: naming `sharding.*`, `train.batch_size`, `train.grad_accum` or `model.moe.*`.
     """
     sizes = dict(zip(MESH_AXES, config.sharding.axis_sizes(num_devices)))
+    moe = config.model.moe
+    if moe is not None and moe.num_routed_experts % sizes["expert"]:
+        raise ConfigError(f"model.moe.num_routed_experts={moe.num_routed_experts}: must be "
+                          f"divisible by sharding.expert={sizes['expert']}")
+    if moe is not None and moe.expert_hidden_size % sizes["tensor"]:
+        raise ConfigError(f"model.moe.expert_hidden_size={moe.expert_hidden_size}: must be "
+                          f"divisible by sharding.tensor={sizes['tensor']}")
     shards = math.prod(sizes[a] for a in BATCH_AXES)
     split = " x ".join(f"{a}={sizes[a]}" for a in BATCH_AXES)
     batch, accum = config.train.batch_size, config.train.grad_accum

@@ -17,7 +17,6 @@ import warnings
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from engram_jax.accounting import count_parameters
@@ -25,7 +24,7 @@ from engram_jax.config.schema import Config, ConfigError
 from engram_jax.data.corpus import DataError
 from engram_jax.data.pipeline import make_hasher, training_batches, unigram_cross_entropy
 from engram_jax.data.prepare import PreparedData, data_fingerprint, prepare_data
-from engram_jax.sharding.mesh import check_batch_layout, default_mesh, use_mesh
+from engram_jax.sharding.mesh import check_layout, default_mesh, use_mesh
 from engram_jax.train.evaluation import evaluate, to_device
 from engram_jax.train.metrics import (MetricsWriter, RowUsage, TrainLogger, device_peak_flops,
                                       plot_run)
@@ -33,7 +32,7 @@ from engram_jax.train.optimizer import learning_rate_schedule
 from engram_jax.train.run_dir import (ResumeError, ResumePoint, RunDir, checkpoint_meta,
                                       resume_point)
 from engram_jax.train.signals import StopSignals
-from engram_jax.train.step import create_train_state, train_step
+from engram_jax.train.step import create_train_state, jitted_train_step
 
 
 def _evaluation_batches(config: Config, data: PreparedData) -> int:
@@ -78,7 +77,7 @@ def train(config: Config, progress: bool = True) -> dict:
     clock, cfg = time.perf_counter(), config.train
     run, is_main = RunDir(cfg.run_dir), jax.process_index() == 0
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
-    check_batch_layout(config, jax.device_count(), jax.process_count())
+    check_layout(config, jax.device_count(), jax.process_count())
     resume = resume_point(run, config)
     if resume and resume.step >= cfg.steps and (final := run.final_metrics(resume.step)):
         say(f"{run.path} finished at step {resume.step}: validation loss "
@@ -113,7 +112,6 @@ def train(config: Config, progress: bool = True) -> dict:
     if restored:
         say(f"resumed from {checkpointer.directory / str(start)} (step {start})")
     meta = {"tokenizer": data.tokenizer, "data": fingerprint}
-    step_fn = nnx.jit(train_step, static_argnums=(3,), donate_argnums=(0, 1))
     writer = MetricsWriter(run, is_main)
     if start == 0:
         writer.write(0, {**data.report.metrics(), "unigram_loss": unigram})
@@ -130,7 +128,7 @@ def train(config: Config, progress: bool = True) -> dict:
         for step in range(start + 1, cfg.steps + 1):
             batch = next(iterator)
             usage.add(batch["hash_ids"])
-            logger.add(step, step_fn(model, optimizer, to_device(batch, mesh), cfg.grad_accum))
+            logger.add(step, jitted_train_step(model, optimizer, to_device(batch, mesh), cfg.grad_accum))
             bar.update(1)
             last = step == cfg.steps
             if step % cfg.log_every == 0 or last:

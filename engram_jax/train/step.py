@@ -65,6 +65,11 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict,
     return metrics
 
 
+# The trainer's compiled step: jitted_train_step(model, optimizer, batch, grad_accum), the model
+# and optimiser donated (updated in place). `engram_jax.aot` compiles this same object.
+jitted_train_step = nnx.jit(train_step, static_argnums=(3,), donate_argnums=(0, 1))
+
+
 @jax.jit(static_argnums=0)
 def eval_sums(graphdef, state, batch, byte_lengths) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(summed NLL, token count, text bytes) of a batch's targets; `byte_lengths` int32 (V,)

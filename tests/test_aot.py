@@ -1,0 +1,77 @@
+"""`python -m engram_jax.aot`: the trainer's step compiled by libtpu for small TPU topologies (no
+TPU needed; `make test` installs libtpu in .venv/libtpu), and its errors."""
+
+import json
+
+import pytest
+
+from engram_jax import aot
+
+TINY = ["--config", "tiny", "--topology", "v5p:2x2x1"]
+# The paper's Engram-27B at full width, cut to two blocks (block 0 dense; block 1 MoE with 55
+# experts and Engram) and 2,048 tokens per chip: enough for the routed experts to dominate, so
+# dispatching the global batch on every chip, or computing every expert's weight gradient over
+# every row, would each multiply the compiled FLOPs several times over the analytic count.
+PAPER_CUT = ["--config", "paper_engram27b", "--topology", "v5p:2x2x1", "--batch", "4",
+             "--seq-len", "2048", "--mesh", "fsdp=4", "model.num_layers=2",
+             "model.engram.layer_ids=[1]", "model.remat=full", "model.dtype=bfloat16"]
+
+
+def _run(args, capsys) -> tuple[int, dict | None, str]:
+    code = aot.main(args)
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return code, (json.loads(lines[-1]) if lines else None), err
+
+
+def test_tiny_compiles_and_reports(capsys):
+    code, result, err = _run(TINY + ["--mesh", "fsdp=4"], capsys)
+    assert code == 0, err
+    assert result["chips"] == 4 and result["device_kind"] == "TPU v5"
+    assert result["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert result["hbm_gib"] == pytest.approx(95.74)  # v5p, as its compiler states it
+    parts = result["argument_gib"] + result["output_gib"] - result["alias_gib"]
+    assert result["total_gib"] == pytest.approx(parts + result["temp_gib"], abs=2e-3)
+    assert result["fits"] and result["involuntary_remat"] == 0
+    assert result["flops_per_chip"] > 0 and result["analytic_flops_per_chip"] > 0
+    # fsdp: weights gathered forward, gradients reduce-scattered backward.
+    assert result["collective_bytes_per_chip"]["all-gather"] > 0
+    assert result["collective_bytes_per_chip"]["reduce-scatter"] > 0
+
+
+def test_expert_parallel_step_exchanges_tokens(capsys):
+    code, result, err = _run(TINY + ["--mesh", "data=1,expert=4"], capsys)
+    assert code == 0, err
+    assert result["mesh"]["expert"] == 4 and result["involuntary_remat"] == 0
+    assert result["collective_bytes_per_chip"]["all-to-all"] > 0
+
+
+def test_paper_blocks_do_no_redundant_work(capsys):
+    code, result, err = _run(PAPER_CUT, capsys)
+    assert code == 0, err
+    assert result["fits"] and result["involuntary_remat"] == 0, err
+    assert 0.7 <= result["flops_ratio"] <= 1.15, result
+
+
+@pytest.mark.parametrize("args, message", [
+    (TINY[:2] + ["--topology", "v5p:3x3x7x2"], "--topology 'v5p:3x3x7x2'"),
+    (TINY + ["--mesh", "fsdp=3"], "4 devices"),
+    (TINY + ["--mesh", "fsdp=4,pipeline=2"], "--mesh"),
+    (TINY + ["--mesh", "expert=4", "model.moe.num_routed_experts=6"],
+     "model.moe.num_routed_experts=6"),
+    (TINY + ["model.no_such_key=1"], "no_such_key"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    code, result, err = _run(args, capsys)
+    assert code == 2 and result is None, err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_step_that_does_not_fit_exits_1_with_the_sizes(capsys):
+    # v5e chips offer 15.75 GiB; attention scores of 128 sequences of 4,096 tokens per chip need
+    # far more.
+    code, _, err = _run(["--config", "tiny", "--topology", "v5e:2x2", "--batch", "512",
+                         "--seq-len", "4096"], capsys)
+    assert code == 1
+    assert "does not fit on v5e:2x2" in err and "Traceback" not in err
+    assert "15.75G" in err or "15.75 GiB" in err
