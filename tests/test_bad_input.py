@@ -33,6 +33,8 @@ def bad_sources(tmp_path):
     (["train.batch_size=12"], "train.batch_size=12: must be divisible by the 8 batch shards"),
     (["train.grad_accum=2"], "train.grad_accum=2: micro-batches of 4 sequences do not split"),
     (["sharding.data=3"], "use 3 devices, but 8 are available"),
+    (["sharding.data=1", "sharding.expert=8"],
+     "model.moe.num_routed_experts=4: must be divisible by sharding.expert=8"),
     (["data.source=text", "data.paths=/nowhere/*.txt"], "'/nowhere/*.txt' does not exist"),
     (["data.source=text", "data.paths={dir}/empty.txt"], "empty.txt holds no usable document"),
     (["data.source=jsonl", "data.paths={dir}/nulls.jsonl"],

@@ -29,6 +29,7 @@ MESHES = {
     "data2_fsdp4": ShardingConfig(data=2, fsdp=4),
     "data2_fsdp2_expert2": ShardingConfig(data=2, fsdp=2, expert=2),
     "data2_fsdp2_tensor2": ShardingConfig(data=2, fsdp=2, tensor=2),
+    "data2_expert4": ShardingConfig(data=2, expert=4),  # one of tiny's 4 experts per device
 }
 
 grad_step = nnx.jit(nnx.value_and_grad(lm_loss, has_aux=True))
