@@ -75,3 +75,36 @@ def test_a_step_that_does_not_fit_exits_1_with_the_sizes(capsys):
     assert code == 1
     assert "does not fit on v5e:2x2" in err and "Traceback" not in err
     assert "15.75G" in err or "15.75 GiB" in err
+
+
+def test_without_libtpu_the_error_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setattr(aot, "_libtpu_path", lambda: None)
+    code, _, err = _run(TINY, capsys)
+    assert code == 2 and "libtpu not found: run `make libtpu`" in err
+
+
+def test_abstract_state_has_the_trainers_shardings():
+    """What is compiled is laid out as the trainer lays out its state (8 CPU devices here)."""
+    import jax
+    from flax import nnx
+
+    from engram_jax.config import load_config
+    from engram_jax.sharding import make_mesh, use_mesh
+    from engram_jax.train.step import create_train_state
+
+    config = load_config("tiny", ["sharding.data=2", "sharding.fsdp=2", "sharding.tensor=2"])
+    mesh = make_mesh(config.sharding)
+    with use_mesh(config.sharding, mesh):
+        real = nnx.state(create_train_state(config))
+        abstract = nnx.state(aot.abstract_train_state(config, mesh))
+    flat_real, flat_abstract = dict(nnx.to_flat_state(real)), dict(nnx.to_flat_state(abstract))
+    assert flat_real.keys() == flat_abstract.keys()
+    split = 0
+    for path, variable in flat_real.items():
+        value, spec = variable.get_value(), flat_abstract[path].get_value()
+        if not isinstance(value, jax.Array):
+            continue
+        assert spec.shape == value.shape and spec.dtype == value.dtype, path
+        assert spec.sharding.is_equivalent_to(value.sharding, value.ndim), path
+        split += not value.sharding.is_fully_replicated
+    assert split > 20  # the comparison covers the split parameters and their Adam moments

@@ -156,6 +156,15 @@ def test_hlo_parser():
                "%s = f32[2]{0} all-reduce(%x), replica_groups={{0},{1},{2},{3}}\n"
                "%t = f32[2]{0} all-gather(%x), replica_groups=mesh['a'=2,'b'=4] {'b'}\n")
     assert [op.group_size for op in hlo.collectives(grouped)] == [2, 1, 4]
+    # TPU programs write a reduce-scatter as an all-reduce and a slice in a computation of its
+    # own: counted as the reduce-scatter, at the slice's size.
+    tpu = ("%all-reduce-scatter.7 (input.7: f32[8,6]) -> f32[2,6] {\n"
+           "  %all-reduce.1 = f32[8,6]{1,0} all-reduce(%input.7), replica_groups={{0,1,2,3}}\n"
+           "  ROOT %ds = f32[2,6]{1,0} dynamic-slice(%all-reduce.1, %i, %j)\n"
+           "}\n"
+           "%ar = f32[8]{0} all-reduce(f32[8]{0} %x), replica_groups={{0,1,2,3}}\n")
+    assert [(op.kind, op.bytes) for op in hlo.collectives(tpu)] == [("reduce-scatter", 48),
+                                                                      ("all-reduce", 32)]
     assert hlo.traffic_by_kind(grouped, num_devices=8) == {
         "all-reduce": 0.0, "all-gather": 3 / 4 * 8, "reduce-scatter": 8.0, "all-to-all": 0.0,
         "collective-permute": 0.0}

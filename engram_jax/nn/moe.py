@@ -247,23 +247,31 @@ def sharded_moe(x: jax.Array, router_kernel: jax.Array, bias: jax.Array, w_gate:
     dispatches its own tokens. Arguments and results as `routed_experts`, with full shapes
     (x split over the batch axes, the weights laid out by their logical axes).
 
-    Where the experts' hidden units are split (`tensor`), each shard's partial output comes out
-    stacked along a leading axis and is summed outside the map, so the compiler both reduces it
-    and transposes it for the gradient.
+    The weights enter in their parameter layout and are all-gathered over the `embed` axes
+    inside the map, so that their gradients are reduce-scattered back to it (not all-reduced at
+    full size). Where the experts' hidden units are split (`tensor`), each shard's partial
+    output comes out stacked along a leading axis and is summed outside the map, so the compiler
+    both reduces it and transposes it for the gradient.
     """
     batch_axes, tensor_axes = mesh_axes_of(BATCH), mesh_axes_of(EXPERT_MLP)
-    expert_weight = logical_spec((EXPERTS, None, EXPERT_MLP))
+    embed_axes = mesh_axes_of(EMBED)
 
-    def per_shard(*arrays):
-        out, load = routed_experts(*arrays, config, batch_axes=batch_axes,
-                                   expert_axes=mesh_axes_of(EXPERTS))
+    def per_shard(x, router_kernel, bias, w_gate, w_up, w_down):
+        if embed_axes:  # FSDP inside the map: its transpose reduce-scatters the gradients
+            gather = lambda w, axis: jax.lax.all_gather(w, embed_axes, axis=axis, tiled=True)
+            router_kernel, w_gate, w_up = (gather(router_kernel, 0), gather(w_gate, 1),
+                                           gather(w_up, 1))
+            w_down = gather(w_down, 2)
+        out, load = routed_experts(x, router_kernel, bias, w_gate, w_up, w_down, config,
+                                   batch_axes=batch_axes, expert_axes=mesh_axes_of(EXPERTS))
         return out[None], load
 
+    expert_weight = logical_spec((EXPERTS, EMBED, EXPERT_MLP))
     # check_vma=False: the TPU kernels (Pallas) declare no per-axis variance.
     partials, load = jax.shard_map(
         per_shard, check_vma=False,
-        in_specs=(logical_spec((BATCH, None)), logical_spec((None, None)), logical_spec((None,)),
-                  expert_weight, expert_weight, logical_spec((EXPERTS, EXPERT_MLP, None))),
+        in_specs=(logical_spec((BATCH, None)), logical_spec((EMBED, None)), logical_spec((None,)),
+                  expert_weight, expert_weight, logical_spec((EXPERTS, EXPERT_MLP, EMBED))),
         out_specs=(jax.sharding.PartitionSpec(tensor_axes or None, batch_axes or None, None),
                    logical_spec((None,))),
     )(x, router_kernel, bias, w_gate, w_up, w_down)

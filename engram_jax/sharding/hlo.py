@@ -14,6 +14,7 @@ _OP = re.compile(r"=\s*(\([^=]*?\)|[a-z]+[0-9]*\[[0-9,]*\](?:\{[^}]*\})?)\s+("
 _GROUP_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _GROUP_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _GROUP_IOTA = re.compile(r"replica_groups=\[([0-9,]+)\]<=")
+_SCATTER_COMPUTATION = re.compile(r"^%all-reduce-scatter[.0-9]* \(.*\) -> (.*) \{$")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
           "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 
@@ -54,13 +55,30 @@ def _group_size(attributes: str) -> int | None:
     return None
 
 
+def _shapes(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((dtype, tuple(int(d) for d in dims.split(",") if d))
+                 for dtype, dims in _ARRAY.findall(text))
+
+
 def collectives(hlo_text: str) -> list[Collective]:
-    """Every collective in `hlo_text` (e.g. `jax.jit(f).lower(...).compile().as_text()`)."""
-    found = []
-    for result, kind, _, attributes in _OP.findall(hlo_text):
-        shapes = tuple((dtype, tuple(int(d) for d in dims.split(",") if d))
-                       for dtype, dims in _ARRAY.findall(result))
-        found.append(Collective(kind, shapes, _group_size(attributes)))
+    """Every collective in `hlo_text` (e.g. `jax.jit(f).lower(...).compile().as_text()`).
+
+    TPU programs write a reduce-scatter as a computation named `all-reduce-scatter...` that
+    all-reduces its input and keeps this device's slice; its all-reduce is reported as the
+    reduce-scatter it is, with the computation's result as its result.
+    """
+    found, scatter_result = [], None
+    for line in hlo_text.splitlines():
+        if header := _SCATTER_COMPUTATION.match(line):
+            scatter_result = _shapes(header.group(1))
+        elif line.startswith("}"):
+            scatter_result = None
+        for result, kind, _, attributes in _OP.findall(line):
+            if kind == "all-reduce" and scatter_result is not None:
+                kind, shapes = "reduce-scatter", scatter_result
+            else:
+                shapes = _shapes(result)
+            found.append(Collective(kind, shapes, _group_size(attributes)))
     return found
 
 
