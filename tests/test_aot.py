@@ -108,3 +108,12 @@ def test_abstract_state_has_the_trainers_shardings():
         assert spec.sharding.is_equivalent_to(value.sharding, value.ndim), path
         split += not value.sharding.is_fully_replicated
     assert split > 20  # the comparison covers the split parameters and their Adam moments
+
+
+def test_mesh_axes_may_split_a_torus_axis():
+    """8 x 8 over a 4x4x4 torus: no axis is a product of whole physical axes."""
+    from engram_jax.config import ShardingConfig
+    from engram_jax.sharding import make_mesh
+
+    mesh = make_mesh(ShardingConfig(data=1, fsdp=8, expert=8), aot.topology_devices("v5p:4x4x4"))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}

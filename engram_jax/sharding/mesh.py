@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from engram_jax.config.schema import MESH_AXES, Config, ConfigError, ShardingConfig
@@ -23,11 +24,16 @@ from engram_jax.sharding.axes import BATCH_AXES, logical_axis_rules
 
 
 def make_mesh(config: ShardingConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over `devices` (default: all) with axes `MESH_AXES`, all of type Auto."""
+    """A mesh over `devices` (default: all) with axes `MESH_AXES`, all of type Auto. On a TPU
+    torus each axis takes whole physical axes where it can, else splits one."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = config.axis_sizes(len(devices))
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:  # an axis (8 of a 4x4x4 torus, say) must split a physical one
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def check_layout(config: Config, num_devices: int, num_processes: int) -> None:
