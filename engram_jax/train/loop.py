@@ -128,7 +128,8 @@ def train(config: Config, progress: bool = True) -> dict:
         for step in range(start + 1, cfg.steps + 1):
             batch = next(iterator)
             usage.add(batch["hash_ids"])
-            logger.add(step, jitted_train_step(model, optimizer, to_device(batch, mesh), cfg.grad_accum))
+            logger.add(step, jitted_train_step(model, optimizer, to_device(batch, mesh),
+                                               cfg.grad_accum))
             bar.update(1)
             last = step == cfg.steps
             if step % cfg.log_every == 0 or last:
