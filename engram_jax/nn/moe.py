@@ -10,8 +10,9 @@ contiguous group (`jax.lax.ragged_dot`). A capacity-factor mode (fixed per-exper
 dropped) is available for platforms where fixed shapes are preferable.
 
 On a mesh the routed experts run inside `jax.shard_map` (`sharded_moe`): every batch shard routes
-and sorts only its own tokens. The expert weights arrive gathered over `fsdp` (as every FSDP
-weight is), split over `expert` and `tensor`. With an `expert` axis of size > 1 the assignments
+and sorts only its own tokens. The router and expert weights enter in their FSDP layout and are
+all-gathered inside the map (their gradients leave reduce-scattered); experts stay split over
+`expert`, their hidden units over `tensor`. With an `expert` axis of size > 1 the assignments
 travel to the shard that holds their expert and back by `all_to_all` (`exchange_dispatch`), in
 fixed buffers of `exchange_capacity` times the balanced load per destination; a step in which any
 buffer would overflow takes a full-size exchange instead, so dropless stays exact. Load counts
@@ -157,7 +158,7 @@ def dispatch_with_capacity(x: jax.Array, experts: jax.Array, weights: jax.Array,
 
 def exchange_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array,
                       w_up: jax.Array, w_down: jax.Array, *, axis_name: str | tuple[str, ...],
-                      num_shards: int, capacity: int, keep: jax.Array | None = None
+                      num_shards: int, capacity: int, per_expert_capacity: int | None = None
                       ) -> jax.Array:
     """Expert-parallel dispatch of one shard's tokens, inside `shard_map` (docs/ARCHITECTURE.md,
     "MoE"): each of the `num_shards` shards along `axis_name` holds E/num_shards experts.
@@ -165,21 +166,25 @@ def exchange_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
     The shard sorts its assignments by expert (so by destination shard), packs at most `capacity`
     per destination into a (num_shards, capacity, D) buffer, and `all_to_all` delivers them; the
     owner runs its experts on what it received and the reverse `all_to_all` brings the rows back.
-    Assignments past a destination's `capacity`, or with `keep` False (capacity mode), give
-    nothing: dropless callers choose `capacity` so that none overflows.
+    Assignments past a destination's `capacity`, or past the first `per_expert_capacity` of their
+    expert in this shard's token order (capacity mode), give nothing: dropless callers choose
+    `capacity` so that none overflows.
 
     Args:
       x: (T, D) this shard's tokens; experts: int (T, k) global expert ids; weights: (T, k);
       w_gate, w_up: (E / num_shards, D, F) this shard's experts; w_down: (E / num_shards, F, D);
-      keep: bool (T * k,) over the assignments sorted by expert, or None (all kept).
+      per_expert_capacity: assignments each expert keeps from this shard, or None (all).
 
     Returns:
       (T, D): each token's weighted sum of its experts' outputs.
     """
     local_experts, width = w_gate.shape[0], x.shape[-1]
-    order, sorted_experts, _ = _sort_by_expert(experts, local_experts * num_shards)
+    order, sorted_experts, sizes = _sort_by_expert(experts, local_experts * num_shards)
     destination = sorted_experts // local_experts
-    kept = jnp.ones_like(destination, bool) if keep is None else keep
+    kept = jnp.ones_like(destination, bool)
+    if per_expert_capacity is not None:  # first come, first kept per expert
+        rank_in_expert = jnp.arange(order.shape[0]) - (jnp.cumsum(sizes) - sizes)[sorted_experts]
+        kept = rank_in_expert < per_expert_capacity
     per_destination = jnp.zeros(num_shards, jnp.int32).at[destination].add(kept.astype(jnp.int32))
     rank = jnp.cumsum(kept) - 1 - (jnp.cumsum(per_destination) - per_destination)[destination]
     slot = jnp.where(kept, rank, capacity)  # out of bounds: not sent
@@ -191,8 +196,8 @@ def exchange_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
     exchange = lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
     received, received_expert = exchange(send).reshape(-1, width), exchange(send_expert).ravel()
     local_order = jnp.argsort(received_expert, stable=True)
-    sizes = jnp.bincount(received_expert, length=local_experts).astype(jnp.int32)
-    computed = _grouped_experts(received[local_order], sizes, w_gate, w_up, w_down)
+    local_sizes = jnp.bincount(received_expert, length=local_experts).astype(jnp.int32)
+    computed = _grouped_experts(received[local_order], local_sizes, w_gate, w_up, w_down)
     unsorted = jnp.zeros_like(computed).at[local_order].set(computed)
     returned = exchange(unsorted.reshape(num_shards, capacity, width))
     sent = slot < capacity
@@ -230,11 +235,10 @@ def routed_experts(x: jax.Array, router_kernel: jax.Array, bias: jax.Array, w_ga
         capacity = expert_capacity(tokens, k, config.num_routed_experts, config.capacity_factor)
         if num_shards == 1:
             return dispatch_with_capacity(*args, capacity), load
-        # First come, first kept per expert, then an exchange that cannot overflow.
-        _, sorted_experts, sizes = _sort_by_expert(experts, config.num_routed_experts)
-        rank = jnp.arange(tokens * k) - (jnp.cumsum(sizes) - sizes)[sorted_experts]
+        # Per-expert capacity first, so the exchange cannot overflow.
         return exchange_dispatch(*args, axis_name=expert_axes, num_shards=num_shards,
-                                 capacity=capacity * w_gate.shape[0], keep=rank < capacity), load
+                                 capacity=capacity * w_gate.shape[0],
+                                 per_expert_capacity=capacity), load
     if num_shards == 1:
         return dispatch_dropless(*args), load
     return _exact_exchange(args, expert_axes, num_shards, config.exchange_capacity), load
