@@ -34,6 +34,7 @@ class ParamCounts:
     engram_table_padding: int  # allocated rows no id addresses (in no other count)
     engram_other: int  # Engram projections, norms and conv
     flops_per_token: int  # training FLOPs per token at `seq_len`
+    attention_flops_per_token: int  # the part of flops_per_token in attention scores
     seq_len: int
 
     @property
@@ -43,6 +44,8 @@ class ParamCounts:
 
 @functools.lru_cache(maxsize=64)
 def _parameter_shapes(config: ModelConfig) -> tuple[tuple[tuple, int], ...]:
+    # Unscanned, so that a path reads blocks/<layer>/...: the counts are the same either way.
+    config = dataclasses.replace(config, scan_layers=False)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     return tuple((tuple(path), int(_size(variable.shape))) for path, variable in flat)
@@ -96,7 +99,8 @@ def count_parameters(config: ModelConfig, seq_len: int = 4096) -> ParamCounts:
                        embedding=totals["embedding"], routed_experts=totals["routed"],
                        engram_tables=totals["tables"], engram_table_padding=totals["padding"],
                        engram_other=totals["engram_other"],
-                       flops_per_token=6 * totals["matmul"] + attention, seq_len=seq_len)
+                       flops_per_token=6 * totals["matmul"] + attention,
+                       attention_flops_per_token=attention, seq_len=seq_len)
 
 
 def allocate(base: ModelConfig, rho: float, engram: EngramConfig) -> ModelConfig:

@@ -9,9 +9,14 @@ compiler for the devices of `jax.experimental.topologies.get_topology_desc`. One
 to stdout: per-chip memory from the compiler (`argument_gib`, `temp_gib`, `output_gib`,
 `alias_gib`, `total_gib` = argument + output - alias + temp), the chip's HBM as the compiler
 reports it (`hbm_gib`) and `fits`, per-chip FLOPs from the compiler beside the analytic count
-(`engram_jax.accounting`, x 4/3 with full remat), each kind of collective's bytes per chip per
-step (ring estimate, `engram_jax.sharding.hlo`), and how many "Involuntary full
-rematerialization" warnings the partitioner gave (each one means work repeated on every chip).
+(`engram_jax.accounting`, x 4/3 with full remat) and their ratio `flops_ratio`, each kind of
+collective's bytes per chip per step (ring estimate, `engram_jax.sharding.hlo`), and how many
+"Involuntary full rematerialization" warnings the partitioner gave (each one means work repeated
+on every chip).
+`splash_calls` counts the compiled splash-attention kernels (forward and backward of every
+attention call site); that Pallas kernel declares no cost, so the compiler's FLOPs then leave out
+attention, and `flops_ratio` compares them with the analytic count less its attention part
+(`analytic_attention_flops_per_chip`).
 
 Exit codes: 0 fits, 1 does not fit (the compiler's sizes on stderr), 2 bad input (config,
 topology, mesh) or no libtpu. libtpu: the first of an importable `libtpu` package,
@@ -153,8 +158,8 @@ def abstract_train_state(config: Config, mesh):
 
 
 def abstract_batch(config: Config, mesh) -> dict:
-    """ShapeDtypeStructs of a global batch: tokens (B, L + 1) and each Engram layer's hash ids
-    (B, L, K), split over the batch axes."""
+    """ShapeDtypeStructs of a global batch: tokens (B, L + 1), each Engram layer's hash ids
+    (B, L, K) and, with `data.document_mask`, segment ids (B, L), split over the batch axes."""
     batch, length = config.train.batch_size, config.data.seq_len
     sharding = NamedSharding(mesh, P(BATCH_AXES))
     shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sharding)
@@ -163,7 +168,10 @@ def abstract_batch(config: Config, mesh) -> dict:
         layout = table_layout(config.model.engram)
         hash_ids = {table.layer_id: shape(batch, length, len(table.head_sizes))
                     for table in layout.layers}
-    return {"tokens": shape(batch, length + 1), "hash_ids": hash_ids}
+    out = {"tokens": shape(batch, length + 1), "hash_ids": hash_ids}
+    if config.data.document_mask:
+        out["segment_ids"] = shape(batch, length)
+    return out
 
 
 def compile_train_step(config: Config, devices: list) -> dict:
@@ -199,9 +207,15 @@ def compile_train_step(config: Config, devices: list) -> dict:
     hbm = compiler_hbm_gib(devices[0])
     tokens_per_chip = config.train.batch_size * config.data.seq_len / chips
     remat = 4 / 3 if config.model.remat == "full" else 1.0
-    analytic = (count_parameters(config.model, seq_len=config.data.seq_len).flops_per_token
-                * tokens_per_chip * remat)
-    traffic = hlo.traffic_by_kind(compiled.as_text(), chips)
+    counts = count_parameters(config.model, seq_len=config.data.seq_len)
+    analytic = counts.flops_per_token * tokens_per_chip * remat
+    attention = counts.attention_flops_per_token * tokens_per_chip * remat
+    text = compiled.as_text()
+    traffic = hlo.traffic_by_kind(text, chips)
+    splash_calls = sum('custom_call_target="tpu_custom_call"' in line and "splash" in line
+                       for line in text.splitlines())
+    # The splash kernel declares no cost, so the compiler counts no attention FLOPs then.
+    basis = analytic - attention if splash_calls else analytic
     return {
         "chips": chips, "device_kind": devices[0].device_kind,
         "mesh": dict(zip(MESH_AXES, config.sharding.axis_sizes(chips))),
@@ -211,7 +225,8 @@ def compile_train_step(config: Config, devices: list) -> dict:
         **{f"{name}_gib": round(value, 3) for name, value in sizes.items()},
         "total_gib": round(total, 3), "hbm_gib": round(hbm, 2), "fits": total <= hbm,
         "flops_per_chip": float(cost["flops"]), "analytic_flops_per_chip": analytic,
-        "flops_ratio": round(float(cost["flops"]) / analytic, 4),
+        "analytic_attention_flops_per_chip": attention, "splash_calls": splash_calls,
+        "flops_ratio": round(float(cost["flops"]) / basis, 4),
         "collective_bytes_per_chip": {kind: int(b) for kind, b in traffic.items() if b},
         "involuntary_remat": sum(INVOLUNTARY_REMAT in line for line in warnings),
     }

@@ -43,10 +43,11 @@ def main(argv=None) -> int:
         return 2
     config, tokenizer = trained.config, trained.tokenizer
     stream, documents = validation_stream(config.data, tokenizer)
-    hasher = make_hasher(config.model.engram, tokenizer,
-                         end_of_document_id(tokenizer, config.data.eod_token))
+    eod_id = end_of_document_id(tokenizer, config.data.eod_token)
+    hasher = make_hasher(config, tokenizer, eod_id)
     sample = batches(stream, config.data.seq_len, config.train.batch_size, hasher,
-                     seed=0, repeat=False)  # the sample training evaluates on
+                     seed=0, repeat=False,  # the sample training evaluates on
+                     separator_id=eod_id if config.data.document_mask else None)
     count = min(args.batches or config.train.eval_batches,
                 len(Windows(stream, config.data.seq_len)) // config.train.batch_size)
     result = evaluate(trained.model, sample, default_mesh(config.sharding), count,

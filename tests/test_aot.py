@@ -34,6 +34,7 @@ def test_tiny_compiles_and_reports(capsys):
     assert result["total_gib"] == pytest.approx(parts + result["temp_gib"], abs=2e-3)
     assert result["fits"] and result["involuntary_remat"] == 0
     assert result["flops_per_chip"] > 0 and result["analytic_flops_per_chip"] > 0
+    assert result["splash_calls"] == 0  # 32 tokens: "auto" keeps XLA's attention
     # fsdp: weights gathered forward, gradients reduce-scattered backward.
     assert result["collective_bytes_per_chip"]["all-gather"] > 0
     assert result["collective_bytes_per_chip"]["reduce-scatter"] > 0
@@ -50,7 +51,18 @@ def test_paper_blocks_do_no_redundant_work(capsys):
     code, result, err = _run(PAPER_CUT, capsys)
     assert code == 0, err
     assert result["fits"] and result["involuntary_remat"] == 0, err
+    # "auto" on TPU; per block: forward, its rematerialised copy, dq and dkv.
+    assert result["splash_calls"] == 8
     assert 0.7 <= result["flops_ratio"] <= 1.15, result
+
+
+def test_splash_attention_with_packed_documents_compiles(capsys):
+    """Segment ids reach the kernel; four blocks, of which two run as one scan."""
+    code, result, err = _run(TINY + ["--mesh", "data=2,fsdp=2", "--seq-len", "256",
+                                      "model.num_layers=4", "data.document_mask=true"], capsys)
+    assert code == 0, err
+    assert result["fits"] and result["involuntary_remat"] == 0, err
+    assert result["splash_calls"] == 9  # three call sites (the scanned body is one)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -60,6 +72,7 @@ def test_paper_blocks_do_no_redundant_work(capsys):
     (TINY + ["--mesh", "expert=4", "model.moe.num_routed_experts=6"],
      "model.moe.num_routed_experts=6"),
     (TINY + ["model.no_such_key=1"], "no_such_key"),
+    (TINY + ["model.attention=splash"], "model.attention='splash': needs data.seq_len"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     code, result, err = _run(args, capsys)
@@ -71,7 +84,7 @@ def test_a_step_that_does_not_fit_exits_1_with_the_sizes(capsys):
     # v5e chips offer 15.75 GiB; attention scores of 128 sequences of 4,096 tokens per chip need
     # far more.
     code, _, err = _run(["--config", "tiny", "--topology", "v5e:2x2", "--batch", "512",
-                         "--seq-len", "4096"], capsys)
+                         "--seq-len", "4096", "model.attention=xla"], capsys)
     assert code == 1
     assert "does not fit on v5e:2x2" in err and "Traceback" not in err
     assert "15.75G" in err or "15.75 GiB" in err
@@ -92,7 +105,8 @@ def test_abstract_state_has_the_trainers_shardings():
     from engram_jax.sharding import make_mesh, use_mesh
     from engram_jax.train.step import create_train_state
 
-    config = load_config("tiny", ["sharding.data=2", "sharding.fsdp=2", "sharding.tensor=2"])
+    config = load_config("tiny", ["sharding.data=2", "sharding.fsdp=2", "sharding.tensor=2",
+                                  "model.num_layers=4"])  # layers 2-3 stacked
     mesh = make_mesh(config.sharding)
     with use_mesh(config.sharding, mesh):
         real = nnx.state(create_train_state(config))

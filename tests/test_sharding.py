@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engram_jax.config import ConfigError, ShardingConfig
 from engram_jax.nn.model import Transformer
@@ -168,6 +169,25 @@ def test_hlo_parser():
     assert hlo.traffic_by_kind(grouped, num_devices=8) == {
         "all-reduce": 0.0, "all-gather": 3 / 4 * 8, "reduce-scatter": 8.0, "all-to-all": 0.0,
         "collective-permute": 0.0}
+
+
+def test_hlo_collectives_in_a_scan_count_once_per_iteration():
+    """A layer scanned 5 times whose body all-gathers its fsdp-split weight: 5 all-gathers."""
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    weights = jax.device_put(jnp.ones((5, 64, 16)), NamedSharding(mesh, P(None, "fsdp")))
+    x = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("fsdp")))
+
+    def layers(x, weights):
+        def step(x, w):
+            w = jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P()))
+            return jnp.tanh(x @ w.T @ w), None
+        return jax.lax.scan(step, x, weights)[0]
+
+    text = jax.jit(layers).lower(x, weights).compile().as_text()
+    gathers = [op for op in hlo.collectives(text) if op.kind == "all-gather"]
+    assert gathers and {op.runs for op in gathers} == {5}
+    per_run = sum(op.traffic(8) for op in gathers)
+    assert hlo.traffic_by_kind(text, 8)["all-gather"] == 5 * per_run
 
 
 def test_mesh_config_errors():

@@ -29,7 +29,7 @@ def gate_values(model: Transformer, tokens: jax.Array, hash_ids) -> dict[int, ja
     """Engram layer id -> float32 (B, L, branches) gates of int tokens (B, L)."""
     states = model.hidden_states(tokens, hash_ids)
     return {block.layer: block.engram_gates(states[block.layer], hash_ids[block.layer])
-            for block in model.blocks if block.engram is not None}
+            for block in model.engram_blocks()}
 
 
 def text_gates(checkpoint: probe.Checkpoint, token_ids: np.ndarray) -> dict[int, np.ndarray]:

@@ -34,7 +34,7 @@ class Checkpoint:
 
     def hash_ids(self, tokens: np.ndarray) -> dict[int, jax.Array] | None:
         """This model's Engram row ids of int tokens (B, L); None without Engram."""
-        hasher = make_hasher(self.config.model.engram, self.tokenizer,
+        hasher = make_hasher(self.config, self.tokenizer,
                              end_of_document_id(self.tokenizer, self.config.data.eod_token))
         if hasher is None:
             return None

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"table_usage: {err}", file=sys.stderr)
         return 2
-    hasher = make_hasher(config.model.engram, checkpoint.tokenizer,
+    hasher = make_hasher(config, checkpoint.tokenizer,
                          end_of_document_id(checkpoint.tokenizer, config.data.eod_token))
     rows, hits = table_usage(hasher, tokens)
     path = probe.figure_path(args.out, "table_usage.png")

@@ -175,6 +175,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 STREAM_MERGES = ("sum", "learned")
 # Per-block rematerialisation: config name -> the `jax.checkpoint_policies` member it uses
 # (None: no rematerialisation).
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = {"none": None, "full": "nothing_saveable",
                   "save_dots": "dots_with_no_batch_dims_saveable"}
 
@@ -200,6 +201,13 @@ class ModelConfig:
       tie_embeddings: the LM head reuses the token embedding.
       dtype: compute dtype; param_dtype: storage dtype.
       remat: activation rematerialisation per block: "none", "full", or "save_dots".
+      scan_layers: run each run of identical consecutive blocks (same FFN kind, no Engram) as
+        one `nnx.scan` over stacked parameters, so compile time does not grow with depth.
+        Checkpoints store the blocks in this layout: a checkpoint written with the other
+        setting is refused with a message saying so.
+      attention: the attention kernel: "auto" (the platform's: "splash" on TPU, "cudnn" on
+        GPU, "xla" elsewhere), "xla" (builds the L x L scores), "cudnn" (cuDNN flash
+        attention, GPU, bf16/fp16) or "splash" (the Pallas splash-attention kernel, TPU).
       moe: DeepSeekMoE settings, or None for dense FFNs everywhere.
       engram: Engram settings, or None for no Engram.
     """
@@ -220,6 +228,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = True
+    attention: str = "auto"
     moe: MoEConfig | None = None
     engram: EngramConfig | None = None
 
@@ -242,6 +252,8 @@ class ModelConfig:
         check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         check(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
         check(self.remat in REMAT_POLICIES, "remat", f"must be one of {tuple(REMAT_POLICIES)}")
+        check(self.attention in ATTENTION_KERNELS, "attention",
+              f"must be one of {ATTENTION_KERNELS}")
         if self.moe is not None:
             _check(self.moe.first_dense_layers <= self.num_layers, "first_dense_layers",
                    self.moe.first_dense_layers,
@@ -336,6 +348,10 @@ class DataConfig:
         tokenizer's end-of-sequence token, else `<|endoftext|>`, else its beginning-of-sequence
         token.
       seq_len: tokens per training sequence (documents are packed, each ended by `eod_token`).
+      document_mask: keep packed documents apart: batches carry segment ids, attention does
+        not cross a document boundary, positions restart at each document, and the Engram hash
+        ids and short convolution read nothing of the previous document (implies
+        `engram.reset_at_document_boundary`). Each document then computes as if alone.
       num_threads: pipeline threads (tokenising is done up front; hashing runs here).
       prefetch: batches prepared ahead of the device.
       cache_dir: where tokenizers and tokenised corpora are cached (default: see
@@ -352,6 +368,7 @@ class DataConfig:
     tokenizer_vocab_size: int = 4096
     eod_token: str | None = None
     seq_len: int = 256
+    document_mask: bool = False
     num_threads: int = 2
     prefetch: int = 4
     cache_dir: str | None = None
@@ -449,3 +466,8 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+
+    def __post_init__(self):
+        _check(self.model.attention != "splash" or self.data.seq_len % 128 == 0, "attention",
+               self.model.attention, f"needs data.seq_len a multiple of 128 (the splash "
+               f"kernel's block), got {self.data.seq_len}", "model")

@@ -10,13 +10,15 @@ the one that would have come.
 
 from __future__ import annotations
 
+import dataclasses
+
 import grain
 import jax
 import numpy as np
 
-from engram_jax.config.schema import Config, EngramConfig
+from engram_jax.config.schema import Config
 from engram_jax.data.compression import CompressedTokenizer
-from engram_jax.data.hashing import NgramHasher
+from engram_jax.data.hashing import NgramHasher, segment_ids_from_separator
 from engram_jax.data.prepare import PreparedData
 from engram_jax.data.tokenizer import TextTokenizer
 
@@ -52,22 +54,31 @@ class _ProcessRows(grain.transforms.Map):
 
 
 class _AddHashIds(grain.transforms.Map):
-    """tokens (b, L + 1) -> {"tokens": int32 (b, L + 1), "hash_ids": {layer: int32 (b, L, K)}}."""
+    """tokens (b, L + 1) -> {"tokens": int32 (b, L + 1), "hash_ids": {layer: int32 (b, L, K)}}
+    and, given the separator, "segment_ids": int32 (b, L) of the inputs."""
 
-    def __init__(self, hasher: NgramHasher | None):
+    def __init__(self, hasher: NgramHasher | None, separator_id: int | None):
         self.hasher = hasher
+        self.separator_id = separator_id
 
     def map(self, tokens: np.ndarray) -> dict:
         tokens = np.asarray(tokens, dtype=np.int32)
         hash_ids = self.hasher(tokens[:, :-1]) if self.hasher is not None else {}
-        return {"tokens": tokens, "hash_ids": hash_ids}
+        batch = {"tokens": tokens, "hash_ids": hash_ids}
+        if self.separator_id is not None:
+            batch["segment_ids"] = segment_ids_from_separator(tokens[:, :-1], self.separator_id)
+        return batch
 
 
-def make_hasher(engram: EngramConfig | None, tokenizer: TextTokenizer,
-                eod_id: int) -> NgramHasher | None:
-    """The Engram hasher for a tokenizer (compression on or off as configured)."""
+def make_hasher(config: Config, tokenizer: TextTokenizer, eod_id: int) -> NgramHasher | None:
+    """The Engram hasher of `config` for a tokenizer (compression on or off as configured;
+    hashes reset at document boundaries with `engram.reset_at_document_boundary` or
+    `data.document_mask`); None without Engram."""
+    engram = config.model.engram
     if engram is None:
         return None
+    if config.data.document_mask:
+        engram = dataclasses.replace(engram, reset_at_document_boundary=True)
     compressor = (CompressedTokenizer.from_tokenizer(tokenizer) if engram.tokenizer_compression
                   else CompressedTokenizer.identity(len(tokenizer)))
     return NgramHasher(engram, compressor, separator_id=eod_id)
@@ -75,8 +86,10 @@ def make_hasher(engram: EngramConfig | None, tokenizer: TextTokenizer,
 
 def batches(stream: np.ndarray, seq_len: int, global_batch: int, hasher: NgramHasher | None,
             seed: int, process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-            repeat: bool = True, num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
-    """Batches of this process: dicts of "tokens" (b, L + 1) and "hash_ids" {layer: (b, L, K)},
+            repeat: bool = True, num_threads: int = 2, prefetch: int = 4,
+            separator_id: int | None = None) -> grain.IterDataset:
+    """Batches of this process: dicts of "tokens" (b, L + 1), "hash_ids" {layer: (b, L, K)}
+    and, with `separator_id` (the token ending each document), "segment_ids" (b, L);
     b = global_batch / process_count. Every process sees the same global batches."""
     if global_batch % process_count:
         raise ValueError(f"train.batch_size={global_batch} must be divisible by the "
@@ -91,7 +104,8 @@ def batches(stream: np.ndarray, seq_len: int, global_batch: int, hasher: NgramHa
     if repeat:
         dataset = dataset.repeat(None)
     dataset = dataset.batch(global_batch, drop_remainder=True)
-    dataset = dataset.map(_ProcessRows(process_index, process_count)).map(_AddHashIds(hasher))
+    dataset = dataset.map(_ProcessRows(process_index, process_count)).map(
+        _AddHashIds(hasher, separator_id))
     return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                      prefetch_buffer_size=prefetch))
 
@@ -111,6 +125,7 @@ def training_batches(config: Config, prepared: PreparedData, hasher: NgramHasher
     common = dict(seq_len=config.data.seq_len, global_batch=config.train.batch_size,
                   hasher=hasher, process_index=jax.process_index(),
                   process_count=jax.process_count(), num_threads=config.data.num_threads,
-                  prefetch=config.data.prefetch)
+                  prefetch=config.data.prefetch,
+                  separator_id=prepared.eod_id if config.data.document_mask else None)
     return (batches(prepared.train_tokens, seed=config.train.seed, **common),
             batches(prepared.validation_tokens, seed=0, repeat=False, **common))

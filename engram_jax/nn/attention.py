@@ -1,16 +1,35 @@
-"""Causal self-attention with RoPE, MHA or GQA, through `jax.nn.dot_product_attention`.
+"""Causal self-attention with RoPE, MHA or GQA, on the platform's kernel.
 
 Shapes: B batch, L length, D width, N query heads, K key/value heads (N % K == 0), H head width.
+
+Kernels (`model.attention`; "auto" picks by the platform of the mesh in force, else of the
+default backend):
+  xla     `jax.nn.dot_product_attention(implementation="xla")`: builds the (B, N, L, L) scores.
+  cudnn   cuDNN flash attention (GPU, bf16 or fp16).
+  splash  the Pallas splash-attention kernel (TPU): blocks of the causal and document masks that
+          are all masked are skipped, and the scores never leave the chip's vector memory. Run
+          per batch and head shard in a `jax.shard_map`, since the compiler cannot partition a
+          Pallas call.
+With segment ids (B, L) a query attends only to keys of its own segment (packed documents).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from engram_jax.nn.params import logical_param, scaled_normal
-from engram_jax.sharding.axes import EMBED, HEAD_DIM, KV_HEADS, Q_HEADS
+from engram_jax.sharding.axes import BATCH, EMBED, HEAD_DIM, KV_HEADS, Q_HEADS
+from engram_jax.sharding.mesh import logical_spec
+
+# The splash kernel works on blocks of 128 lanes: lengths must be a multiple of it.
+SPLASH_MULTIPLE = 128
+SPLASH_BLOCK = 512
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -30,16 +49,107 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-class Attention(nnx.Module):
-    """Causal multi-head (or grouped-query) attention with RoPE.
+def resolve_kernel(kernel: str, dtype: jax.typing.DTypeLike, length: int) -> str:
+    """The kernel `kernel` ("auto" or a name) means for this call: "auto" takes splash on TPU
+    (lengths a multiple of 128), cuDNN on GPU (bf16/fp16), XLA otherwise."""
+    if kernel != "auto":
+        return kernel
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    if platform == "tpu" and length % SPLASH_MULTIPLE == 0:
+        return "splash"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
 
-    The platform picks the kernel: cuDNN flash attention on GPUs for bf16/fp16, XLA elsewhere.
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """bool (B, 1, L, L): query t may read key s of the same segment."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     segment_ids: jax.Array | None, *, interpret: bool = False) -> jax.Array:
+    """Causal attention through the splash kernel, on one device's shard.
+
+    Args:
+      q: (B, L, N, H) queries; k, v: (B, L, K, H).
+      segment_ids: int (B, L) or None.
+      interpret: run the kernel in Pallas's interpreter (CPU tests).
+
+    Returns:
+      (B, L, N, H).
     """
+    batch, length, heads, width = q.shape
+    if length % SPLASH_MULTIPLE:
+        raise ValueError(f"the splash kernel needs a length that is a multiple of "
+                         f"{SPLASH_MULTIPLE}, got {length} (set model.attention: xla)")
+    block = max(b for b in (SPLASH_BLOCK, 256, SPLASH_MULTIPLE) if length % b == 0)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block,
+                              block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+    heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # (B, L, heads, H) -> (B, heads, L, H)
+    q = heads_first(q * jnp.asarray(1.0 / np.sqrt(width), q.dtype))
+    if segment_ids is None:
+        out = jax.vmap(kernel)(q, heads_first(k), heads_first(v))
+    else:
+        segments = splash.SegmentIds(q=segment_ids.astype(jnp.int32),
+                                     kv=segment_ids.astype(jnp.int32))
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(
+            q, heads_first(k), heads_first(v), segments)
+    return heads_first(out)
+
+
+def sharded_splash_attention(q, k, v, segment_ids, *, interpret: bool = False) -> jax.Array:
+    """`splash_attention` on every batch and head shard of the mesh in force (directly without
+    one); shapes as there."""
+    run = functools.partial(splash_attention, interpret=interpret)
+    if jax.sharding.get_abstract_mesh().empty:
+        return run(q, k, v, segment_ids)
+    heads = lambda kind: logical_spec((BATCH, None, kind, HEAD_DIM))
+    rows = logical_spec((BATCH, None))
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: run(q, k, v, None), check_vma=False,
+                             in_specs=(heads(Q_HEADS), heads(KV_HEADS), heads(KV_HEADS)),
+                             out_specs=heads(Q_HEADS))(q, k, v)
+    return jax.shard_map(run, check_vma=False,
+                         in_specs=(heads(Q_HEADS), heads(KV_HEADS), heads(KV_HEADS), rows),
+                         out_specs=heads(Q_HEADS))(q, k, v, segment_ids)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                     kernel: str) -> jax.Array:
+    """Causal (and, with segment ids, within-segment) attention, scaled by 1/sqrt(H).
+
+    Args:
+      q: (B, L, N, H); k, v: (B, L, K, H).
+      segment_ids: int (B, L) or None.
+      kernel: "xla", "cudnn" or "splash" (`resolve_kernel` turns "auto" into one of them).
+
+    Returns:
+      (B, L, N, H).
+    """
+    if kernel == "splash":
+        return sharded_splash_attention(q, k, v, segment_ids)
+    if kernel not in ("xla", "cudnn"):
+        raise ValueError(f"unknown attention kernel {kernel!r}")
+    mask = None if segment_ids is None else segment_mask(segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                        implementation=kernel)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head (or grouped-query) attention with RoPE, on `kernel` (see the module
+    docstring)."""
 
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rope_theta: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rope_theta: float, *, kernel: str = "auto", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.rope_theta = rope_theta
+        self.kernel = kernel
         self.dtype = dtype
         d, n, k, h = width, num_heads, num_kv_heads, head_dim
         self.wq = logical_param(scaled_normal(d), rngs.params(), (d, n, h), param_dtype,
@@ -51,12 +161,14 @@ class Attention(nnx.Module):
         self.wo = logical_param(scaled_normal(n * h), rngs.params(), (n, h, d), param_dtype,
                                 (Q_HEADS, HEAD_DIM, EMBED))
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x (B, L, D), positions int (B, L) -> (B, L, D)."""
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """x (B, L, D), positions int (B, L), segment ids int (B, L) or None -> (B, L, D)."""
         x = x.astype(self.dtype)
         cast = lambda w: w[...].astype(self.dtype)
         q = apply_rope(jnp.einsum("bld,dnh->blnh", x, cast(self.wq)), positions, self.rope_theta)
         k = apply_rope(jnp.einsum("bld,dkh->blkh", x, cast(self.wk)), positions, self.rope_theta)
         v = jnp.einsum("bld,dkh->blkh", x, cast(self.wv))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        kernel = resolve_kernel(self.kernel, self.dtype, x.shape[1])
+        out = causal_attention(q, k, v, segment_ids, kernel)
         return jnp.einsum("blnh,nhd->bld", out, cast(self.wo))

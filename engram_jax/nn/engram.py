@@ -69,7 +69,8 @@ def engram_gate(keys: jax.Array, queries: jax.Array, key_scale: jax.Array,
     return jax.nn.sigmoid(signed_sqrt(score))
 
 
-def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, dilation: int,
+                          segment_ids: jax.Array | None = None) -> jax.Array:
     """Depthwise causal 1-D convolution over the length axis, no bias.
 
     Args:
@@ -77,23 +78,30 @@ def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax
       kernel: (taps, ...channels); tap i reads x[t - (taps - 1 - i) * dilation], so the last tap
         reads the current position (PyTorch's Conv1d layout with left padding).
       dilation: spacing between taps.
+      segment_ids: int (B, L) or None; a tap reading another segment (the previous packed
+        document) reads zero, as before the sequence start.
 
     Returns:
       Same shape as x.
     """
     taps, length = kernel.shape[0], x.shape[1]
     out = jnp.zeros_like(x)
+    shift_right = lambda a, shift: jnp.pad(a[:, :length - shift],
+                                           [(0, 0), (shift, 0)] + [(0, 0)] * (a.ndim - 2))
     for i in range(taps):
         shift = (taps - 1 - i) * dilation
         if shift >= length:
             continue
-        shifted = jnp.pad(x[:, :length - shift], [(0, 0), (shift, 0)] + [(0, 0)] * (x.ndim - 2))
+        shifted = shift_right(x, shift)
+        if segment_ids is not None and shift:
+            same = shift_right(segment_ids, shift) == segment_ids  # padded taps read 0 anyway
+            shifted = jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), shifted, 0)
         out = out + shifted * kernel[i]
     return out
 
 
 def short_conv(value: jax.Array, norm_scale: jax.Array, kernel: jax.Array,
-               dilation: int) -> jax.Array:
+               dilation: int, segment_ids: jax.Array | None = None) -> jax.Array:
     """SiLU(conv(RMSNorm_per_stream(value))), in float32.
 
     Args:
@@ -101,9 +109,11 @@ def short_conv(value: jax.Array, norm_scale: jax.Array, kernel: jax.Array,
       norm_scale: (G, D) per-stream RMSNorm gains (eps 1e-5).
       kernel: (taps, G, D) depthwise kernel.
       dilation: tap spacing (the reference uses N, the largest n-gram order).
+      segment_ids: int (B, L) or None: taps stay within each segment.
     """
     normed = rms_norm(value, norm_scale, CONV_NORM_EPS)
-    return jax.nn.silu(causal_depthwise_conv(normed, kernel.astype(jnp.float32), dilation))
+    return jax.nn.silu(causal_depthwise_conv(normed, kernel.astype(jnp.float32), dilation,
+                                             segment_ids))
 
 
 class GateMean(nnx.Variable):
@@ -122,8 +132,9 @@ class Engram(nnx.Module):
       param_dtype: storage dtype of the parameters.
       rngs: parameter initialisation keys.
 
-    Call with hidden states (B, L, G, D) and int32 hash ids (B, L, K) from `NgramHasher`; returns
-    Y (B, L, G, D), the term the block adds to every stream.
+    Call with hidden states (B, L, G, D), int32 hash ids (B, L, K) from `NgramHasher` and, for
+    packed documents kept apart, segment ids (B, L); returns Y (B, L, G, D), the term the block
+    adds to every stream.
     """
 
     def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int, *,
@@ -188,7 +199,8 @@ class Engram(nnx.Module):
         keys = keys + self.key_bias[...].astype(self.dtype)
         return engram_gate(keys, hidden, self.key_norm[...], self.query_norm[...])
 
-    def __call__(self, hidden: jax.Array, hash_ids: jax.Array) -> jax.Array:
+    def __call__(self, hidden: jax.Array, hash_ids: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
         if hidden.ndim != 4 or hidden.shape[2:] != (self.hc_mult, self.hidden_size):
             raise ValueError(f"hidden states must be (batch, length, {self.hc_mult}, "
                              f"{self.hidden_size}), got {hidden.shape}")
@@ -204,5 +216,5 @@ class Engram(nnx.Module):
         if not self.config.short_conv:
             return gated.astype(self.dtype)
         conv = short_conv(gated, self.conv_norm[...], self.conv_kernel[...],
-                          self.config.dilation)
+                          self.config.dilation, segment_ids)
         return (gated + conv).astype(self.dtype)

@@ -68,8 +68,10 @@ def expert_counts(experts: jax.Array, num_experts: int) -> jax.Array:
 
 
 def balance_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
-    """bias + rate * sign(mean(load) - load): under-loaded experts become more likely."""
-    return bias + rate * jnp.sign(jnp.mean(load) - load).astype(bias.dtype)
+    """bias + rate * sign(mean(load) - load) over the last (expert) axis, so stacked layers
+    (`model.scan_layers`) update each layer alone: under-loaded experts become more likely."""
+    mean = jnp.mean(load, axis=-1, keepdims=True)
+    return bias + rate * jnp.sign(mean - load).astype(bias.dtype)
 
 
 def _sort_by_expert(experts: jax.Array, num_experts: int):

@@ -19,6 +19,8 @@ BATCH_AXES = ("data", "fsdp", "expert")
 
 # Activations.
 BATCH = "batch"
+# The stacked axis of a run of scanned blocks (`model.scan_layers`): never split.
+LAYERS = "layers"
 # Backbone parameters.
 EMBED = "embed"  # the model width D
 VOCAB = "vocab"
@@ -54,6 +56,7 @@ def logical_axis_rules(config: ShardingConfig) -> tuple[tuple[str, str | tuple[s
         (EXPERT_MLP, "tensor"),
         (ENGRAM_ROWS, config.engram_table_axes),
         # Not split: named so that every parameter's axes resolve.
+        (LAYERS, None),
         (HEAD_DIM, None),
         (ENGRAM_COLS, None),
         (ENGRAM_EMBED, None),

@@ -131,10 +131,15 @@ class Checkpointer:
         changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
                    if before.get(k) != now.get(k)]
         if changed:
+            cause = "it was written by another model or code version"
+            if _stacked_runs(before) != _stacked_runs(now):
+                cause = ("its blocks are stored in the other layout of model.scan_layers "
+                         "(stacked runs of blocks, or one entry per block); restore it with "
+                         "model.scan_layers set as when it was written")
             raise CheckpointMismatch(
                 f"checkpoint {self.directory / str(step)} holds parameters of other shapes than "
                 f"this model ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): "
-                "it was written by another model or code version; it is left as it is")
+                f"{cause}; it is left as it is")
 
     def _restore(self, step: int, model, optimizer, data_iterator) -> dict:
         self.check_shapes(step, model)
@@ -153,6 +158,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _stacked_runs(paths) -> set[str]:
+    """The entries of `blocks` that hold a stacked run (`model.scan_layers`), from state paths."""
+    return {p.split("/")[1] for p in paths
+            if p.startswith("blocks/") and p.count("/") > 2 and p.split("/")[2] == "layers"}
 
 
 def _report_unreadable(path: pathlib.Path, err: Exception) -> None:

@@ -87,7 +87,7 @@ def train(config: Config, progress: bool = True) -> dict:
     say(f"data: {data.report.summary()}; {len(data.train_tokens):,} training and "
         f"{len(data.validation_tokens):,} validation tokens")
     cfg = dataclasses.replace(cfg, eval_batches=_evaluation_batches(config, data))
-    hasher = make_hasher(config.model.engram, data.tokenizer, data.eod_id)
+    hasher = make_hasher(config, data.tokenizer, data.eod_id)
     if is_main:
         run.create(config, data.tokenizer, resume.step if resume else 0)
     mesh = default_mesh(config.sharding)

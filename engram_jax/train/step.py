@@ -2,7 +2,8 @@
 
 `train_step` is one optimiser step (gradient accumulation over micro-batches, clipping and the
 optimiser's transforms, then the MoE balancing-bias update); the loop jits it with the model and
-optimiser donated. A batch is {"tokens": int (B, L + 1), "hash_ids": {layer: int32 (B, L, K)}}.
+optimiser donated. A batch is {"tokens": int (B, L + 1), "hash_ids": {layer: int32 (B, L, K)}}
+and, with `data.document_mask`, "segment_ids": int32 (B, L).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from flax import nnx
 
 from engram_jax.config.schema import Config
 from engram_jax.nn.model import Transformer
-from engram_jax.nn.moe import MoE
 from engram_jax.train.optimizer import make_optimizer
 
 
@@ -25,11 +25,12 @@ def create_train_state(config: Config) -> tuple[Transformer, nnx.Optimizer]:
     return model, nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
 
 
-def lm_loss(model: Transformer, tokens: jax.Array, hash_ids) -> tuple[jax.Array, dict]:
+def lm_loss(model: Transformer, tokens: jax.Array, hash_ids,
+            segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy of (B, L + 1) tokens, and the Engram gate means."""
-    logits = model(tokens[:, :-1], hash_ids)
+    logits = model(tokens[:, :-1], hash_ids, segment_ids=segment_ids)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-    gates = {str(b.layer): b.engram.gate_mean[...] for b in model.blocks if b.engram is not None}
+    gates = {str(b.layer): b.engram.gate_mean[...] for b in model.engram_blocks()}
     return loss, gates
 
 
@@ -38,12 +39,14 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict,
     """One optimiser step on `batch` split into `grad_accum` micro-batches; returns the step's
     metrics (device scalars): loss, gradient norm, MoE load, Engram gates."""
     tokens, hash_ids = batch["tokens"], batch["hash_ids"]
+    segment_ids = batch.get("segment_ids")
     micro = tokens.shape[0] // grad_accum
     grads, losses, gates = None, [], []
     for i in range(grad_accum):  # unrolled: grad_accum is small
         part = slice(i * micro, (i + 1) * micro)
         (loss, gate_means), g = nnx.value_and_grad(lm_loss, has_aux=True)(
-            model, tokens[part], {k: v[part] for k, v in hash_ids.items()})
+            model, tokens[part], {k: v[part] for k, v in hash_ids.items()},
+            None if segment_ids is None else segment_ids[part])
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         losses.append(loss)
         gates.append(gate_means)
@@ -52,11 +55,9 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict,
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     metrics = {"loss": jnp.mean(jnp.stack(losses)), "grad_norm": grad_norm}
-    for block in model.blocks:
-        if isinstance(block.ffn, MoE):  # the load since the last bias update, i.e. this step
-            load = block.ffn.expert_load[...]
-            metrics[f"moe_load_max_over_mean/{block.layer}"] = jnp.max(load) / jnp.maximum(
-                jnp.mean(load), 1.0)
+    for layer, load in model.expert_loads().items():  # since the last bias update: this step
+        metrics[f"moe_load_max_over_mean/{layer}"] = jnp.max(load) / jnp.maximum(jnp.mean(load),
+                                                                               1.0)
     model.update_router_biases()
     for layer in gates[0]:
         mean = jnp.mean(jnp.stack([g[layer] for g in gates]), axis=0)
@@ -76,7 +77,7 @@ def eval_sums(graphdef, state, batch, byte_lengths) -> tuple[jax.Array, jax.Arra
     gives each token's bytes. The model's state is left untouched."""
     model = nnx.merge(graphdef, state)
     tokens = batch["tokens"]
-    logits = model(tokens[:, :-1], batch["hash_ids"])
+    logits = model(tokens[:, :-1], batch["hash_ids"], segment_ids=batch.get("segment_ids"))
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     return (jnp.sum(nll), jnp.asarray(nll.size, jnp.float32),
             jnp.sum(byte_lengths[tokens[:, 1:]]))
