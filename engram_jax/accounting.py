@@ -35,6 +35,8 @@ class ParamCounts:
     engram_other: int  # Engram projections, norms and conv
     flops_per_token: int  # training FLOPs per token at `seq_len`
     attention_flops_per_token: int  # the part of flops_per_token in attention scores
+    layer_flops_per_token: tuple[int, ...]  # each block's part of flops_per_token (with its
+    # attention; the LM head is the rest)
     seq_len: int
 
     @property
@@ -62,10 +64,12 @@ def count_parameters(config: ModelConfig, seq_len: int = 4096) -> ParamCounts:
     """Counts the parameters of `config` from abstract shapes (`nnx.eval_shape`).
 
     Training FLOPs per token: 6 x the active matmul parameters (LM head included, embedding and
-    table lookups excluded) plus 12 x layers x heads x head_dim x seq_len for attention.
+    table lookups excluded) plus 12 x layers x heads x head_dim x seq_len for attention; also
+    split by block (`layer_flops_per_token`).
     """
     totals = dict(total=0, active=0, embedding=0, routed=0, tables=0, padding=0, engram_other=0,
                   matmul=0)
+    layer_matmul = [0] * config.num_layers
     moe = config.moe
     for path, size in _parameter_shapes(config):
         if path[0] == "blocks" and path[2] == "engram" and path[3] == "table":
@@ -94,13 +98,18 @@ def count_parameters(config: ModelConfig, seq_len: int = 4096) -> ParamCounts:
         totals["active"] += active
         if not (path[0] == "blocks" and path[2] == "engram" and path[3] == "table"):
             totals["matmul"] += active
-    attention = 12 * config.num_layers * config.num_heads * config.attention_head_dim * seq_len
+            if path[0] == "blocks":
+                layer_matmul[path[1]] += active
+    layer_attention = 12 * config.num_heads * config.attention_head_dim * seq_len
+    attention = config.num_layers * layer_attention
     return ParamCounts(total=totals["total"], active=totals["active"],
                        embedding=totals["embedding"], routed_experts=totals["routed"],
                        engram_tables=totals["tables"], engram_table_padding=totals["padding"],
                        engram_other=totals["engram_other"],
                        flops_per_token=6 * totals["matmul"] + attention,
-                       attention_flops_per_token=attention, seq_len=seq_len)
+                       attention_flops_per_token=attention,
+                       layer_flops_per_token=tuple(6 * m + layer_attention for m in layer_matmul),
+                       seq_len=seq_len)
 
 
 def allocate(base: ModelConfig, rho: float, engram: EngramConfig) -> ModelConfig:

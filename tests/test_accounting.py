@@ -33,6 +33,8 @@ def test_hand_count_of_a_dense_model():
     assert counts.total == counts.active == layers * per_layer + d  # + final norm
     assert counts.embedding == 2 * vocab * d
     assert counts.flops_per_token == 6 * (counts.active + vocab * d) + 12 * layers * d * 128
+    # By block: its parameters and its attention; the final norm and the head are the rest.
+    assert counts.layer_flops_per_token == (6 * per_layer + 12 * d * 128,) * layers
 
 
 def test_mhc_and_moe_counts():
