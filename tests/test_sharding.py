@@ -22,16 +22,9 @@ from engram_jax.sharding import (MESH_AXES, global_batch, hlo, make_mesh, routed
                                  shard_shapes, use_mesh)
 from engram_jax.train.step import lm_loss
 from processes import collect, free_port
-from sharded_training import TINY, batch, jitted_step, run_steps
+from sharded_training import MESHES, TINY, batch, jitted_step, run_steps
 
 HERE = pathlib.Path(__file__).parent
-MESHES = {
-    "data8": ShardingConfig(data=8),
-    "data2_fsdp4": ShardingConfig(data=2, fsdp=4),
-    "data2_fsdp2_expert2": ShardingConfig(data=2, fsdp=2, expert=2),
-    "data2_fsdp2_tensor2": ShardingConfig(data=2, fsdp=2, tensor=2),
-    "data2_expert4": ShardingConfig(data=2, expert=4),  # one of tiny's 4 experts per device
-}
 
 grad_step = nnx.jit(nnx.value_and_grad(lm_loss, has_aux=True))
 
@@ -112,8 +105,9 @@ def test_gradient_accumulation_on_a_mesh_equals_one_large_batch(name, one_large_
                                    err_msg=str(path))
 
 
-def test_auto_lookup_gives_the_same_step(reference):
-    config = dataclasses.replace(TINY, engram=dataclasses.replace(TINY.engram, lookup="auto"))
+@pytest.mark.parametrize("lookup", ["routed", "auto"])
+def test_other_lookups_give_the_same_step(lookup, reference):
+    config = dataclasses.replace(TINY, engram=dataclasses.replace(TINY.engram, lookup=lookup))
     _, loss, grads = _sharded_step(MESHES["data2_fsdp2_tensor2"], config)
     np.testing.assert_allclose(loss, reference[0], rtol=1e-6)
     _assert_close(grads, reference[1])
@@ -169,6 +163,11 @@ def test_hlo_parser():
     assert hlo.traffic_by_kind(grouped, num_devices=8) == {
         "all-reduce": 0.0, "all-gather": 3 / 4 * 8, "reduce-scatter": 8.0, "all-to-all": 0.0,
         "collective-permute": 0.0}
+    # Tuples of six or more arrays are printed with /*index=N*/ comments.
+    tuple_of_six = ("%a2a = (s32[1,2]{1,0}, s32[1,2]{1,0}, s32[1,2]{1,0}, s32[1,2]{1,0}, "
+                    "s32[1,2]{1,0}, /*index=5*/s32[1,2]{1,0}) all-to-all(%a, %b, %c, %d, %e, %f)"
+                    ", replica_groups={{0,1,2,3,4,5}}\n")
+    assert [(op.kind, op.bytes) for op in hlo.collectives(tuple_of_six)] == [("all-to-all", 48)]
 
 
 def test_hlo_collectives_in_a_scan_count_once_per_iteration():
@@ -217,8 +216,8 @@ def test_two_processes_train_like_one():
     steps, port = 3, free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    workers = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(i), "2",
-                                 str(port), str(steps)], stdout=subprocess.PIPE,
+    workers = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), "train",
+                                 str(i), "2", str(port), str(steps)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     results = [json.loads(out.strip().splitlines()[-1]) for out in collect(workers)]
     assert [r["devices"] for r in results] == [8, 8]

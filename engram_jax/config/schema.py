@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 
 ENGRAM_FUSIONS = ("per_branch", "single")
-ENGRAM_LOOKUPS = ("routed", "auto")
+ENGRAM_LOOKUPS = ("all_to_all", "routed", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +41,14 @@ class EngramConfig:
       tokenizer_compression: map tokens to compressed ids before hashing (paper: on).
       table_row_multiple: each layer's table is padded with unused rows to a multiple of this,
         so it splits into equal shards over any number of devices dividing it.
-      lookup: how a table whose rows are split over devices is read: "routed" (each device
-        gathers the rows it owns, `engram_jax.sharding.lookup.routed_lookup`) or "auto" (the
-        compiler's gather, which all-reduces the whole output; kept for comparison).
+      lookup: how a table whose rows are split over devices is read: "all_to_all" (each device
+        sends its distinct ids to their owners and gets the rows back,
+        `engram_jax.sharding.lookup.exchange_lookup`), "routed" (ids all-gathered, each device
+        reads the rows it owns for the gathered batch, `routed_lookup`) or "auto" (the
+        compiler's gather, which all-reduces the whole output). The last two are kept for
+        comparison.
+      lookup_capacity: with "all_to_all", the ids a device sends each owner per round, as a
+        multiple of an even split of its ids; more distinct ids for one owner take more rounds.
       gated: compute the context-aware gate; False fixes it at 1 (an ablation).
       fusion: "per_branch" (a gate per mHC stream, the output added to every stream) or
         "single" (the paper's ablation: one gate on the attention input after mHC's
@@ -64,7 +69,8 @@ class EngramConfig:
     reset_at_document_boundary: bool = False
     tokenizer_compression: bool = True
     table_row_multiple: int = 256
-    lookup: str = "routed"
+    lookup: str = "all_to_all"
+    lookup_capacity: float = 2.0
     gated: bool = True
     fusion: str = "per_branch"
     short_conv: bool = True
@@ -98,6 +104,7 @@ class EngramConfig:
                "must be >= 1")
         _check(self.lookup in ENGRAM_LOOKUPS, "lookup", self.lookup,
                f"must be one of {ENGRAM_LOOKUPS}")
+        _check(self.lookup_capacity > 0, "lookup_capacity", self.lookup_capacity, "must be > 0")
         _check(self.fusion in ENGRAM_FUSIONS, "fusion", self.fusion,
                f"must be one of {ENGRAM_FUSIONS}")
 
@@ -289,7 +296,7 @@ class ShardingConfig:
       data, fsdp, expert, tensor: mesh axis sizes; -1 on one axis means "all remaining devices".
       engram_table_axes: mesh axes the Engram tables' rows are split over (default: all).
 
-    How a split table is read is `EngramConfig.lookup` ("routed" or "auto").
+    How a split table is read is `EngramConfig.lookup` ("all_to_all", "routed" or "auto").
     """
 
     data: int = -1

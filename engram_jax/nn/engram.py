@@ -29,20 +29,21 @@ CONV_NORM_EPS = 1e-5
 GATE_SQRT_FLOOR = 1e-6
 
 def lookup_embeddings(table: jax.Array, offsets: jax.Array, hash_ids: jax.Array,
-                      mode: str = "routed") -> jax.Array:
+                      mode: str = "all_to_all", capacity_factor: float = 2.0) -> jax.Array:
     """Gathers and concatenates each head's row.
 
     Args:
       table: (sum of head sizes, head_dim) rows of all heads.
       offsets: int32 (K,) first row of each head.
       hash_ids: int32 (B, L, K) row ids within each head.
-      mode: "routed" or "auto" (`EngramConfig.lookup`).
+      mode: "all_to_all", "routed" or "auto" (`EngramConfig.lookup`), and its
+        `capacity_factor` (`EngramConfig.lookup_capacity`).
 
     Returns:
       (B, L, K * head_dim), heads in column order. Under a mesh whose rules split the table's
-      rows, each device gathers only the rows it owns (`sharding.routed_lookup`).
+      rows, devices read the rows they own for others (`sharding.lookup.table_lookup`).
     """
-    rows = table_lookup(table, hash_ids + offsets, mode)  # (B, L, K, head_dim)
+    rows = table_lookup(table, hash_ids + offsets, mode, capacity_factor)  # (B, L, K, head_dim)
     return rows.reshape(*hash_ids.shape[:-1], -1)
 
 
@@ -187,8 +188,8 @@ class Engram(nnx.Module):
             raise ValueError(f"hash ids have {hash_ids.shape[-1]} heads, layer {self.layer_id} "
                              f"has {heads}")
         offsets = jnp.asarray(self.layout.offsets, dtype=jnp.int32)
-        return lookup_embeddings(self.table[...], offsets, hash_ids,
-                                 self.config.lookup).astype(self.dtype)
+        return lookup_embeddings(self.table[...], offsets, hash_ids, self.config.lookup,
+                                 self.config.lookup_capacity).astype(self.dtype)
 
     def gates(self, hidden: jax.Array, memory: jax.Array) -> jax.Array:
         """float32 (B, L, G) gates from hidden states (B, L, G, D) and memory (B, L, E); all

@@ -22,6 +22,7 @@ _LOOP_BODY = re.compile(r"body=" + _NAME)
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONSTANT = re.compile(r"^\s*%([\w.\-]+) = s32\[\][^ ]* constant\((-?[0-9]+)\)")
 _CONDITION = re.compile(r"condition=" + _NAME)
+_COMMENT = re.compile(r"/\*.*?\*/")
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"([0-9]+)"\}')
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
           "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -137,7 +138,8 @@ def collectives(hlo_text: str) -> list[Collective]:
     """
     runs = computation_runs(hlo_text)
     found, scatter_result, computation = [], None, None
-    for line in hlo_text.splitlines():
+    # Long tuples carry /*index=N*/ comments, whose "=" would end a result shape early.
+    for line in _COMMENT.sub("", hlo_text).splitlines():
         if header := _COMPUTATION.match(line):
             computation = header.group(1)
         if header := _SCATTER_COMPUTATION.match(line):
