@@ -36,7 +36,7 @@ class ParamCounts:
     flops_per_token: int  # training FLOPs per token at `seq_len`
     attention_flops_per_token: int  # the part of flops_per_token in attention scores
     layer_flops_per_token: tuple[int, ...]  # each block's part of flops_per_token (with its
-    # attention; the LM head is the rest)
+    # attention; the final norm and the LM head are the rest)
     seq_len: int
 
     @property

@@ -35,7 +35,7 @@ LOOKUP_MESHES = {
 }
 
 
-def _on_mesh(sharding: ShardingConfig, table, ids, cotangent, capacity_factor=2.0):
+def _on_mesh(sharding: ShardingConfig, table, ids, cotangent, capacity_factor=0.75):
     """Output and table gradient (of sum(lookup * cotangent)) of the lookup on a mesh."""
     mesh = make_mesh(sharding)
     with use_mesh(sharding, mesh):
@@ -71,6 +71,17 @@ def test_rounds_cover_any_skew_at_the_smallest_capacity():
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_table_gradients_are_summed_in_float32():
+    table, cotangent = table_and_cotangent()
+    ids = id_batch("duplicates")  # three ids, each about 170 times
+    out, grad = _on_mesh(MESHES["data2_fsdp4"], table.astype(jnp.bfloat16), ids,
+                         cotangent.astype(jnp.bfloat16))
+    assert grad.dtype == jnp.bfloat16
+    exact = lookup_reference(table, ids, cotangent.astype(jnp.bfloat16).astype(np.float32))[1]
+    # Each device's partial sums travel in bf16 (values about 13, partial sums about 5).
+    np.testing.assert_allclose(grad.astype(np.float32), exact, rtol=1e-2, atol=0.1)
+
+
 def test_no_retrace_when_a_batch_needs_more_rounds():
     sharding = MESHES["data2_fsdp4"]
     mesh = make_mesh(sharding)
@@ -82,6 +93,10 @@ def test_no_retrace_when_a_batch_needs_more_rounds():
         return jax.value_and_grad(lambda t: jnp.sum(
             exchange_lookup(t, i, MESH_AXES, BATCH_AXES) * cotangent))(t)
 
+    # The skewed batch needs several rounds: its busiest device has more distinct ids for one
+    # owner than the C = ceil(0.75 * 64 / 8) = 6 slots of a round (and than 16, at capacity 2).
+    per_device = id_batch("one_shard").reshape(8, -1)
+    assert max(np.bincount(np.unique(ids) // (ROWS // 8)).max() for ids in per_device) > 16
     with use_mesh(sharding, mesh):
         table = jax.device_put(table, NamedSharding(mesh, P(MESH_AXES, None)))
         for kind in ("spread", "one_shard", "duplicates", "spread"):

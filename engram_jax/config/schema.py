@@ -70,7 +70,7 @@ class EngramConfig:
     tokenizer_compression: bool = True
     table_row_multiple: int = 256
     lookup: str = "all_to_all"
-    lookup_capacity: float = 2.0
+    lookup_capacity: float = 0.75
     gated: bool = True
     fusion: str = "per_branch"
     short_conv: bool = True

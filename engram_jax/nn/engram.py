@@ -29,7 +29,7 @@ CONV_NORM_EPS = 1e-5
 GATE_SQRT_FLOOR = 1e-6
 
 def lookup_embeddings(table: jax.Array, offsets: jax.Array, hash_ids: jax.Array,
-                      mode: str = "all_to_all", capacity_factor: float = 2.0) -> jax.Array:
+                      mode: str = "all_to_all", capacity_factor: float = 0.75) -> jax.Array:
     """Gathers and concatenates each head's row.
 
     Args:

@@ -5,8 +5,8 @@ all-reduce of the whole (B, L, width) output and of the whole table gradient. Tw
 written by hand with `jax.shard_map` instead (docs/ARCHITECTURE.md, "Sharding"):
 
   exchange_lookup  each device sends its distinct ids to their owners and gets the rows back
-                   (`all_to_all`): traffic and buffers follow the device's own ids, whatever
-                   the size of the pod.
+                   (`all_to_all`): traffic and buffers follow the device's own ids (while the
+                   number of shards stays below them).
   routed_lookup    ids all-gathered, each device reads the rows it owns for the whole gathered
                    batch, a reduce-scatter returns them: traffic grows with the batch axes.
 """
@@ -148,18 +148,19 @@ def _exchange_rows_bwd(table_axes, mesh_axes, capacity, residuals, row_grads):
     rows_per_shard, width = shard_probe.shape[0], row_grads.shape[-1]
     first_row = jax.lax.axis_index(table_axes) * rows_per_shard
     exchange = lambda a: jax.lax.all_to_all(a, table_axes, 0, 0, tiled=True)
-    unique_grads = jnp.zeros_like(row_grads).at[requests.inverse].add(row_grads)
+    # Summed in float32, so that repeated ids lose nothing in a bf16 table.
+    unique_grads = jnp.zeros(row_grads.shape, jnp.float32).at[requests.inverse].add(row_grads)
 
     def one_round(round_index, table_grad):
         slots, used = _round_slots(requests, round_index, capacity)
         received = exchange(_send_ids(requests, slots, used))
-        sent = jnp.where(used[..., None], unique_grads[slots], 0)
+        sent = jnp.where(used[..., None], unique_grads[slots], 0).astype(row_grads.dtype)
         arrived = exchange(sent)  # (S, C, W): gradients of the rows this device owns
         local = jnp.where(received >= 0, received - first_row, rows_per_shard)
-        return table_grad.at[local].add(arrived, mode="drop")
+        return table_grad.at[local].add(arrived.astype(jnp.float32), mode="drop")
 
     table_grad = jax.lax.fori_loop(0, requests.rounds, one_round,
-                                   jnp.zeros((rows_per_shard, width), row_grads.dtype))
+                                   jnp.zeros((rows_per_shard, width), jnp.float32))
     return table_grad.astype(shard_probe.dtype), None
 
 
@@ -167,7 +168,7 @@ _exchange_rows.defvjp(_exchange_rows_fwd, _exchange_rows_bwd)
 
 
 def exchange_lookup(table: jax.Array, rows: jax.Array, table_axes: tuple[str, ...],
-                    batch_axes: tuple[str, ...], capacity_factor: float = 2.0) -> jax.Array:
+                    batch_axes: tuple[str, ...], capacity_factor: float = 0.75) -> jax.Array:
     """table[rows] for a table split by rows over `table_axes`, by an all-to-all of ids and rows.
 
     Inside `shard_map`, each device finds its distinct ids (n of them at most, for n local ids),
@@ -182,7 +183,8 @@ def exchange_lookup(table: jax.Array, rows: jax.Array, table_axes: tuple[str, ..
 
     Args:
       table: (R, W) rows, R divisible by the product of `table_axes` sizes.
-      rows: int32 (B, ...) row ids, batch split over `batch_axes`.
+      rows: int32 (B, ...) row ids in [0, R) (hash ids plus head offsets always are), batch
+        split over `batch_axes`.
       capacity_factor: ids per destination per round, relative to an even split of n.
     Returns:
       (B, ..., W), split like `rows`.
@@ -218,7 +220,7 @@ def table_shards(num_rows: int) -> int:
 
 
 def table_lookup(table: jax.Array, rows: jax.Array, mode: str = "all_to_all",
-                 capacity_factor: float = 2.0) -> jax.Array:
+                 capacity_factor: float = 0.75) -> jax.Array:
     """table[rows]; when a mesh splits the rows, through `exchange_lookup` (mode "all_to_all",
     with `capacity_factor`), `routed_lookup` ("routed") or the compiler's gather ("auto")."""
     if mode == "auto" or table_shards(table.shape[0]) == 1:
