@@ -42,7 +42,6 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -54,6 +53,7 @@ from engram_jax.config import ShardingConfig, load_config  # noqa: E402
 from engram_jax.sharding import hlo  # noqa: E402
 from engram_jax.sharding import (BATCH_AXES, MESH_AXES, exchange_lookup,  # noqa: E402
                                  make_mesh, routed_lookup, use_mesh)
+from engram_jax.sharding.lookup import round_capacity  # noqa: E402
 
 
 def zipf_ids(rng, rows: int, shape, exponent: float) -> np.ndarray:
@@ -69,8 +69,8 @@ def zipf_ids(rng, rows: int, shape, exponent: float) -> np.ndarray:
 def exchange_rounds(ids: np.ndarray, devices: int, rows: int, capacity_factor: float) -> int:
     """The rounds `exchange_lookup` runs on these ids (its own formula, on the host): the
     busiest (device, owner) pair's distinct ids over the ids per owner per round."""
-    per_shard, local = rows // devices, ids.size // devices
-    capacity = max(1, min(local, math.ceil(capacity_factor * local / devices)))
+    per_shard = rows // devices
+    capacity = round_capacity(ids.size // devices, devices, capacity_factor)
     busiest = max(np.bincount(np.unique(shard) // per_shard, minlength=devices).max()
                   for shard in np.split(ids, devices))
     return max(1, -(-int(busiest) // capacity))
@@ -130,13 +130,13 @@ def main() -> None:
                               config=args.corpus_config, tokens_per_device=args.corpus_tokens,
                               ratio_by_layer=corpus_dedup(args.corpus_config,
                                                           args.corpus_tokens))), flush=True)
-    capacities = [float(c) for c in args.capacities.split(",")]
-    lookups = {f"all_to_all@{c:g}" if len(capacities) > 1 else "all_to_all":
-               (lambda t, i, c=c: exchange_lookup(t, i, MESH_AXES, BATCH_AXES, c))
-               for c in capacities}
-    lookups["routed"] = lambda t, i: routed_lookup(t, i, MESH_AXES, BATCH_AXES)
-    lookups["auto"] = lambda t, i: jnp.take(t, i, axis=0)
-    baseline = next(iter(lookups))
+    # (mode, capacity or None) -> the lookup; labels such as all_to_all@0.75 name the ratios.
+    lookups = {("all_to_all", float(c)): (lambda t, i, c=float(c): exchange_lookup(
+        t, i, MESH_AXES, BATCH_AXES, c)) for c in args.capacities.split(",")}
+    lookups["routed", None] = lambda t, i: routed_lookup(t, i, MESH_AXES, BATCH_AXES)
+    lookups["auto", None] = lambda t, i: jnp.take(t, i, axis=0)
+    label = lambda mode, capacity: mode if capacity is None else f"{mode}@{capacity:g}"
+    baseline = label(*next(iter(lookups)))
     rng = np.random.default_rng(0)
     table_host = rng.standard_normal((args.rows, args.width), np.float32)
     for devices in (int(n) for n in args.devices.split(",")):
@@ -155,9 +155,10 @@ def main() -> None:
         with use_mesh(sharding, mesh):
             table = jax.device_put(table_host, NamedSharding(mesh, P(MESH_AXES, None)))
             ids = jax.device_put(ids_host, NamedSharding(mesh, P(BATCH_AXES)))
-            for name, lookup in lookups.items():
-                if name == "auto" and devices > args.auto_up_to:
+            for (mode, capacity), lookup in lookups.items():
+                if mode == "auto" and devices > args.auto_up_to:
                     continue
+                name = label(mode, capacity)
                 step = jax.jit(jax.value_and_grad(lambda t, i, f=lookup: jnp.sum(f(t, i) ** 2)))
                 compiled = step.lower(table, ids).compile()
                 jax.block_until_ready(compiled(table, ids))
@@ -170,13 +171,12 @@ def main() -> None:
                 moved = hlo.traffic_by_kind(compiled.as_text(), num_devices=devices)
                 # The HLO counts one round of the exchange's run-time loop; the data decide how
                 # many run.
-                rounds = (exchange_rounds(ids_host, devices, args.rows,
-                                          capacities[list(lookups).index(name)])
-                          if name.startswith("all_to_all") else 1)
+                rounds = (1 if capacity is None else
+                          exchange_rounds(ids_host, devices, args.rows, capacity))
                 moved["all-to-all"] *= rounds
                 sent = sum(moved.values())
                 print(json.dumps(dict(
-                    bench="lookup_comm", lookup=name, rounds=rounds,
+                    bench="lookup_comm", lookup=mode, capacity=capacity, rounds=rounds,
                     step_s=round(times[name], 5),
                     sent_mb_per_device=round(sent / 2**20, 3),
                     sent_over_minimum=round(sent / minimum, 2),

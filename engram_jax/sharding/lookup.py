@@ -105,6 +105,17 @@ def _round_slots(requests: _Requests, round_index, capacity: int):
     return jnp.minimum(slots, requests.unique.shape[0] - 1), used
 
 
+def round_capacity(ids_per_device: int, num_shards: int, capacity_factor: float) -> int:
+    """Ids a device sends each owner per round of `exchange_lookup`: ceil(capacity_factor x an
+    even split of its ids), at least 1 and at most all of them."""
+    return max(1, min(ids_per_device, math.ceil(capacity_factor * ids_per_device / num_shards)))
+
+
+def _exchange(a: jax.Array, table_axes: tuple[str, ...]) -> jax.Array:
+    """Leading-axis block s of `a` (S, ...) to table shard s; returns what each shard sent."""
+    return jax.lax.all_to_all(a, table_axes, 0, 0, tiled=True)
+
+
 def _send_ids(requests: _Requests, slots, used):
     return jnp.where(used, requests.unique[slots], -1)
 
@@ -121,7 +132,7 @@ def _exchange_rows_forward(table_shard, ids, table_axes, mesh_axes, capacity):
     num_shards = jax.lax.axis_size(table_axes)
     requests = _bucket_requests(ids, rows_per_shard, num_shards, capacity, mesh_axes)
     first_row = jax.lax.axis_index(table_axes) * rows_per_shard
-    exchange = lambda a: jax.lax.all_to_all(a, table_axes, 0, 0, tiled=True)
+    exchange = functools.partial(_exchange, table_axes=table_axes)
 
     def one_round(round_index, unique_rows):
         slots, used = _round_slots(requests, round_index, capacity)
@@ -147,7 +158,7 @@ def _exchange_rows_bwd(table_axes, mesh_axes, capacity, residuals, row_grads):
     requests, shard_probe = residuals
     rows_per_shard, width = shard_probe.shape[0], row_grads.shape[-1]
     first_row = jax.lax.axis_index(table_axes) * rows_per_shard
-    exchange = lambda a: jax.lax.all_to_all(a, table_axes, 0, 0, tiled=True)
+    exchange = functools.partial(_exchange, table_axes=table_axes)
     # Summed in float32, so that repeated ids lose nothing in a bf16 table.
     unique_grads = jnp.zeros(row_grads.shape, jnp.float32).at[requests.inverse].add(row_grads)
 
@@ -195,8 +206,7 @@ def exchange_lookup(table: jax.Array, rows: jax.Array, table_axes: tuple[str, ..
 
     def local(table_shard, local_rows):
         ids = local_rows.reshape(-1)
-        capacity = max(1, min(ids.shape[0], math.ceil(capacity_factor * ids.shape[0] /
-                                                      num_shards)))
+        capacity = round_capacity(ids.shape[0], num_shards, capacity_factor)
         found = _exchange_rows(table_shard, ids, table_axes, tuple(mesh.axis_names), capacity)
         return found.reshape(*local_rows.shape, table_shard.shape[1])
 
