@@ -13,7 +13,8 @@ reports it (`hbm_gib`) and `fits`, per-chip FLOPs from the compiler beside the a
 collective's bytes per chip per step (ring estimate, `engram_jax.sharding.hlo`), and how many
 "Involuntary full rematerialization" warnings the partitioner gave (each one means work repeated
 on every chip).
-The compiler's FLOPs count a `while` loop's body once (a scanned run of blocks: one block) and
+The compiler's FLOPs count a `while` loop's body once (a scanned run of blocks: one block; the
+LM head and loss, computed `model.logits_chunk` positions at a time: one chunk) and
 nothing for the splash-attention kernel, which declares no cost (`splash_calls` counts its
 compiled kernels); so `flops_ratio` compares them with `analytic_counted_flops_per_chip`, the
 analytic count of what the compiler counts (`compiler_counted_flops_per_token`), while
@@ -47,6 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from engram_jax.accounting import ParamCounts, count_parameters
 from engram_jax.config import ConfigError, load_config
 from engram_jax.config.schema import MESH_AXES, Config, ModelConfig
+from engram_jax.nn.loss import chunk_size
 from engram_jax.nn.model import block_runs
 from engram_jax.sharding import hlo
 from engram_jax.sharding.axes import BATCH_AXES
@@ -181,10 +183,14 @@ def compiler_counted_flops_per_token(model: ModelConfig, counts: ParamCounts,
     """The part of the analytic FLOPs per token that the compiler's `cost_analysis` counts.
 
     It counts a `while` loop's body once, so a scanned run of blocks (`block_runs`) counts as
-    one block; and the splash kernel declares no cost, so with it attention is not counted."""
+    one block and the LM head, computed `model.logits_chunk` positions at a time in a scan, as
+    one chunk; and the splash kernel declares no cost, so with it attention is not counted."""
     runs = block_runs(model)
     layers = counts.layer_flops_per_token
     uncounted = sum((count - 1) * layers[first] for first, count in runs)
+    head = counts.flops_per_token - sum(layers)
+    chunks = counts.seq_len // chunk_size(counts.seq_len, model.logits_chunk)
+    uncounted += head - head // chunks
     attention = counts.attention_flops_per_token // model.num_layers * len(runs)
     return counts.flops_per_token - uncounted - (attention if splash else 0)
 

@@ -131,6 +131,31 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
                                 atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [8, 10])  # 10: the largest divisor of 24 below it, 8
+def test_chunked_loss_equals_the_whole_sequence_loss(chunk):
+    """`next_token_nll` with the logits built a chunk at a time (a rematerialised scan) gives
+    the per-token losses and gradients of the whole-sequence head, untied and tied."""
+    from engram_jax.nn.loss import chunk_size
+
+    assert chunk_size(L, chunk) == 8 and chunk_size(L, 0) == L
+    tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, size=(B, L + 1))
+    hash_ids = _hash(TINY, tokens[:, :-1])
+    loss = nnx.jit(nnx.value_and_grad(
+        lambda m: m.next_token_nll(jnp.asarray(tokens), hash_ids).mean()))
+    for tie in (False, True):
+        whole = Transformer(dataclasses.replace(TINY, logits_chunk=0, tie_embeddings=tie),
+                            rngs=nnx.Rngs(0))
+        chunked = Transformer(dataclasses.replace(TINY, logits_chunk=chunk, tie_embeddings=tie),
+                              rngs=nnx.Rngs(0))
+        per_token = chunked.next_token_nll(jnp.asarray(tokens), hash_ids)
+        chex.assert_shape(per_token, (B, L))
+        chex.assert_trees_all_close(per_token, whole.next_token_nll(jnp.asarray(tokens),
+                                                                    hash_ids), atol=1e-5)
+        (value, grads), (ref_value, ref_grads) = loss(chunked), loss(whole)
+        chex.assert_trees_all_close((value, nnx.state(grads)), (ref_value, nnx.state(ref_grads)),
+                                    atol=1e-5, rtol=1e-4)
+
+
 def test_variants_tied_learned_merge_gqa_and_capacity():
     config = dataclasses.replace(TINY, tie_embeddings=True, stream_merge="learned",
                                  moe=dataclasses.replace(TINY.moe, capacity_factor=1.25))

@@ -215,6 +215,10 @@ class ModelConfig:
       attention: the attention kernel: "auto" (the platform's: "splash" on TPU, "cudnn" on
         GPU, "xla" elsewhere), "xla" (builds the L x L scores), "cudnn" (cuDNN flash
         attention, GPU, bf16/fp16) or "splash" (the Pallas splash-attention kernel, TPU).
+      logits_chunk: the training and evaluation losses build the (tokens, vocab) logits this many
+        positions of the sequence at a time, each chunk rematerialised in the backward pass, so
+        the float32 logits and their gradient never exist for the whole sequence at once (the
+        largest divisor of the length that is at most this; 0: the whole sequence at once).
       moe: DeepSeekMoE settings, or None for dense FFNs everywhere.
       engram: Engram settings, or None for no Engram.
     """
@@ -237,6 +241,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "auto"
+    logits_chunk: int = 1024
     moe: MoEConfig | None = None
     engram: EngramConfig | None = None
 
@@ -261,6 +266,7 @@ class ModelConfig:
         check(self.remat in REMAT_POLICIES, "remat", f"must be one of {tuple(REMAT_POLICIES)}")
         check(self.attention in ATTENTION_KERNELS, "attention",
               f"must be one of {ATTENTION_KERNELS}")
+        check(self.logits_chunk >= 0, "logits_chunk", "must be >= 0 (0: no chunking)")
         if self.moe is not None:
             _check(self.moe.first_dense_layers <= self.num_layers, "first_dense_layers",
                    self.moe.first_dense_layers,

@@ -27,6 +27,7 @@ from engram_jax.config.schema import REMAT_POLICIES, ModelConfig
 from engram_jax.nn.attention import Attention
 from engram_jax.nn.engram import Engram
 from engram_jax.nn.ffn import SwiGLU
+from engram_jax.nn.loss import chunked_cross_entropy
 from engram_jax.nn.mhc import MHC, StreamMerge, expand_streams
 from engram_jax.nn.moe import MoE
 from engram_jax.nn.normalization import RMSNorm
@@ -217,6 +218,22 @@ class Transformer(nnx.Module):
         """The streams after the embedding and after each block: num_layers + 1 of (B, L, n, D)."""
         return self._streams(tokens, hash_ids, positions, segment_ids, keep_states=True)
 
+    def merged_streams(self, tokens: jax.Array, hash_ids: HashIds | None = None,
+                       positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+        """The last block's streams merged into one: (B, L, D), the input of `head_logits`."""
+        return self.merge(self._streams(tokens, hash_ids, positions, segment_ids,
+                                        keep_states=False))
+
+    def next_token_nll(self, tokens: jax.Array, hash_ids: HashIds | None = None,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+        """float32 (B, L) cross-entropy of each next token of int (B, L + 1) tokens (hash and
+        segment ids for the first L), the logits built `config.logits_chunk` positions at a
+        time (`nn.loss.chunked_cross_entropy`)."""
+        merged = self.merged_streams(tokens[:, :-1], hash_ids, segment_ids=segment_ids)
+        return chunked_cross_entropy(self.head_logits, merged, tokens[:, 1:],
+                                     self.config.logits_chunk)
+
     def logits(self, streams: jax.Array) -> jax.Array:
         """Streams (B, L, n, D) -> float32 logits (B, L, V) through merge, final norm and head."""
         return self.head_logits(self.merge(streams))
@@ -233,8 +250,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, hash_ids: HashIds | None = None,
                  positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
-        return self.logits(self._streams(tokens, hash_ids, positions, segment_ids,
-                                         keep_states=False))
+        return self.head_logits(self.merged_streams(tokens, hash_ids, positions, segment_ids))
 
     def engram_blocks(self) -> list[Block]:
         """The blocks with an Engram module (never stacked), in layer order."""

@@ -28,8 +28,7 @@ def create_train_state(config: Config) -> tuple[Transformer, nnx.Optimizer]:
 def lm_loss(model: Transformer, tokens: jax.Array, hash_ids,
             segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy of (B, L + 1) tokens, and the Engram gate means."""
-    logits = model(tokens[:, :-1], hash_ids, segment_ids=segment_ids)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    loss = model.next_token_nll(tokens, hash_ids, segment_ids).mean()
     gates = {str(b.layer): b.engram.gate_mean[...] for b in model.engram_blocks()}
     return loss, gates
 
@@ -77,7 +76,6 @@ def eval_sums(graphdef, state, batch, byte_lengths) -> tuple[jax.Array, jax.Arra
     gives each token's bytes. The model's state is left untouched."""
     model = nnx.merge(graphdef, state)
     tokens = batch["tokens"]
-    logits = model(tokens[:, :-1], batch["hash_ids"], segment_ids=batch.get("segment_ids"))
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    nll = model.next_token_nll(tokens, batch["hash_ids"], batch.get("segment_ids"))
     return (jnp.sum(nll), jnp.asarray(nll.size, jnp.float32),
             jnp.sum(byte_lengths[tokens[:, 1:]]))
