@@ -3,6 +3,7 @@ the sharded dispatch (batch shards, expert-parallel all-to-all) against the same
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,26 +138,34 @@ EXPERT_MESHES = {
 }
 
 
-def _on_mesh(sharding, config, x, bias=None):
-    """Output, input gradient and expert load of the layer on a mesh (same initial weights)."""
+def _on_mesh(sharding, config, x, bias=None, with_weight_grads=False):
+    """Output, input gradient and expert load of the layer on a mesh (same initial weights),
+    and with `with_weight_grads` the parameters' gradients (a pure dict)."""
     mesh = make_mesh(sharding)
     with use_mesh(sharding, mesh):
         layer = _layer(config)
         if bias is not None:
             layer.router_bias[...] = bias
 
-        out, dx = _output_and_input_grad(layer, global_batch(np.asarray(x), mesh))
-        return np.asarray(out), np.asarray(dx), np.asarray(layer.expert_load[...])
+        out, dx, dw = _output_and_grads(layer, global_batch(np.asarray(x), mesh))
+        result = np.asarray(out), np.asarray(dx), np.asarray(layer.expert_load[...])
+        return result + (jax.device_get(nnx.to_pure_dict(dw)),) if with_weight_grads else result
 
 
 @nnx.jit
-def _output_and_input_grad(layer, x):
-    """The layer's output and the gradient of sum(sin(output)) with respect to x."""
+def _output_and_grads(layer, x):
+    """The layer's output and the gradients of sum(sin(output)) with respect to x and to the
+    layer's parameters."""
     def loss(layer, x):
         out = layer(x)
         return jnp.sum(jnp.sin(out)), out
 
-    (_, out), dx = nnx.value_and_grad(loss, argnums=1, has_aux=True)(layer, x)
+    (_, out), (dw, dx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
+    return out, dx, dw
+
+
+def _output_and_input_grad(layer, x):
+    out, dx, _ = _output_and_grads(layer, x)
     return out, dx
 
 
@@ -165,16 +174,17 @@ def _output_and_input_grad(layer, x):
 def test_sharded_dropless_equals_the_loop(name, skew):
     x = jax.random.normal(jax.random.key(6), (8, 6, D))
     # Skewed: every token picks experts 0 and 1, held by one shard; its buffers overflow and the
-    # exchange falls back to full-size buffers.
+    # exchange takes more rounds (forward and backward).
     bias = jnp.zeros(8).at[:2].set(50.0) if skew else None
-    out, dx, load = _on_mesh(EXPERT_MESHES[name], SPLIT, x, bias)
+    out, dx, load, dw = _on_mesh(EXPERT_MESHES[name], SPLIT, x, bias, with_weight_grads=True)
     layer = _layer(SPLIT)
     if bias is not None:
         layer.router_bias[...] = bias
     np.testing.assert_allclose(out.reshape(-1, D), _naive(layer, x.reshape(-1, D)), rtol=2e-5,
                                atol=2e-5)
-    _, ref_dx = _output_and_input_grad(layer, x)
+    _, ref_dx, ref_dw = _output_and_grads(layer, x)
     np.testing.assert_allclose(dx, ref_dx, rtol=2e-5, atol=2e-5)
+    chex.assert_trees_all_close(dw, nnx.to_pure_dict(ref_dw), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(load, layer.expert_load[...])  # the global load
     if skew:
         assert load[:2].sum() == x.shape[0] * x.shape[1] * 2

@@ -149,8 +149,9 @@ class MoEConfig:
         (on a mesh: of each batch shard's tokens).
       routed_scale: multiplier of the normalised routing weights.
       exchange_capacity: with experts split over devices (`sharding.expert` > 1), the buffer
-        each device sends to each other, as a multiple of the balanced load; a step in which one
-        would overflow uses buffers that hold everything, so dropless dispatch stays exact.
+        each device sends to each other per round, as a multiple of the balanced load; a step
+        in which a device has more for one destination takes more rounds, so dropless dispatch
+        stays exact.
     """
 
     num_routed_experts: int = 8
@@ -161,7 +162,7 @@ class MoEConfig:
     bias_update_rate: float = 1e-3
     capacity_factor: float | None = None
     routed_scale: float = 1.0
-    exchange_capacity: float = 2.0
+    exchange_capacity: float = 1.25
 
     def __post_init__(self):
         check = lambda ok, field, why: _check(ok, field, getattr(self, field), why, "model.moe")

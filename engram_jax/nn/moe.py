@@ -14,15 +14,17 @@ and sorts only its own tokens. The router and expert weights enter in their FSDP
 all-gathered inside the map (their gradients leave reduce-scattered); experts stay split over
 `expert`, their hidden units over `tensor`. With an `expert` axis of size > 1 the assignments
 travel to the shard that holds their expert and back by `all_to_all` (`exchange_dispatch`), in
-fixed buffers of `exchange_capacity` times the balanced load per destination; a step in which any
-buffer would overflow takes a full-size exchange instead, so dropless stays exact. Load counts
-are summed over the batch shards, so balancing sees the global load.
+rounds of fixed buffers of `exchange_capacity` times the balanced load per destination; the
+shards agree on the rounds a step needs, so dropless stays exact under any skew, and the
+backward pass is the same rounds (a custom VJP). Load counts are summed over the batch shards,
+so balancing sees the global load.
 
 Shapes: T tokens, D width, E routed experts, F expert hidden width, k = top_k.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -165,12 +167,14 @@ def exchange_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
     """Expert-parallel dispatch of one shard's tokens, inside `shard_map` (docs/ARCHITECTURE.md,
     "MoE"): each of the `num_shards` shards along `axis_name` holds E/num_shards experts.
 
-    The shard sorts its assignments by expert (so by destination shard), packs at most `capacity`
-    per destination into a (num_shards, capacity, D) buffer, and `all_to_all` delivers them; the
-    owner runs its experts on what it received and the reverse `all_to_all` brings the rows back.
-    Assignments past a destination's `capacity`, or past the first `per_expert_capacity` of their
-    expert in this shard's token order (capacity mode), give nothing: dropless callers choose
-    `capacity` so that none overflows.
+    The shard sorts its assignments by expert (so by destination shard) and ranks them within
+    their destination. In rounds, it packs the next `capacity` of every destination into a
+    (num_shards, capacity, D) buffer and `all_to_all` delivers them; the owner runs its experts
+    on what it received and the reverse `all_to_all` brings the rows back. The shards agree on
+    the number of rounds (`pmax` of the busiest destination), so every assignment is computed
+    (dropless) whatever the skew, and a balanced step takes one round. With
+    `per_expert_capacity` only the first that many assignments of each expert, in this shard's
+    token order, are kept (capacity mode); the rest give nothing.
 
     Args:
       x: (T, D) this shard's tokens; experts: int (T, k) global expert ids; weights: (T, k);
@@ -180,7 +184,7 @@ def exchange_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
     Returns:
       (T, D): each token's weighted sum of its experts' outputs.
     """
-    local_experts, width = w_gate.shape[0], x.shape[-1]
+    local_experts = w_gate.shape[0]
     order, sorted_experts, sizes = _sort_by_expert(experts, local_experts * num_shards)
     destination = sorted_experts // local_experts
     kept = jnp.ones_like(destination, bool)
@@ -189,23 +193,103 @@ def exchange_dispatch(x: jax.Array, experts: jax.Array, weights: jax.Array, w_ga
         kept = rank_in_expert < per_expert_capacity
     per_destination = jnp.zeros(num_shards, jnp.int32).at[destination].add(kept.astype(jnp.int32))
     rank = jnp.cumsum(kept) - 1 - (jnp.cumsum(per_destination) - per_destination)[destination]
-    slot = jnp.where(kept, rank, capacity)  # out of bounds: not sent
-    send = jnp.zeros((num_shards, capacity, width), x.dtype).at[destination, slot].set(
-        x[order // experts.shape[1]], mode="drop")
-    # Slots that hold nothing name expert `local_experts`, which sorts after every real one.
-    send_expert = jnp.full((num_shards, capacity), local_experts, jnp.int32).at[
-        destination, slot].set(sorted_experts % local_experts, mode="drop")
-    exchange = lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
-    received, received_expert = exchange(send).reshape(-1, width), exchange(send_expert).ravel()
+    rank = jnp.where(kept, rank, order.shape[0] + capacity)  # in no round
+    busiest = jax.lax.pmax(jnp.max(per_destination), axis_name)
+    rounds = (busiest + capacity - 1) // capacity
+    rows = _exchange_rounds(axis_name, num_shards, capacity, x[order // experts.shape[1]],
+                            sorted_experts % local_experts, destination, rank, rounds,
+                            w_gate, w_up, w_down)
+    return _combine(rows, order, weights)
+
+
+def _round_slots(rank: jax.Array, round_index: jax.Array, capacity: int) -> jax.Array:
+    """Each assignment's slot in its destination's buffer in this round, or `capacity` (not
+    sent) when the round does not carry it."""
+    slot = rank - round_index * capacity
+    return jnp.where((slot >= 0) & (slot < capacity), slot, capacity)
+
+
+def _pack(values: jax.Array, destination: jax.Array, slot: jax.Array, num_shards: int,
+          capacity: int, fill) -> jax.Array:
+    """(A, ...) values -> (num_shards, capacity, ...) send buffer; unsent slots hold `fill`."""
+    buffer = jnp.full((num_shards, capacity, *values.shape[1:]), fill, values.dtype)
+    return buffer.at[destination, slot].set(values, mode="drop")
+
+
+def _unpack(buffer: jax.Array, destination: jax.Array, slot: jax.Array, into: jax.Array,
+            capacity: int) -> jax.Array:
+    """`into` (A, D) with this round's assignments replaced by their rows of `buffer`."""
+    sent = (slot < capacity)[:, None]
+    return jnp.where(sent, buffer[destination, jnp.minimum(slot, capacity - 1)], into)
+
+
+def _owner_experts(received: jax.Array, received_expert: jax.Array, w_gate: jax.Array,
+                   w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """The owner's experts on the rows it received, (R, D) with int (R,) local expert ids
+    (`local_experts` for an empty slot) -> (R, D), in the received order."""
     local_order = jnp.argsort(received_expert, stable=True)
-    local_sizes = jnp.bincount(received_expert, length=local_experts).astype(jnp.int32)
-    computed = _grouped_experts(received[local_order], local_sizes, w_gate, w_up, w_down)
-    unsorted = jnp.zeros_like(computed).at[local_order].set(computed)
-    returned = exchange(unsorted.reshape(num_shards, capacity, width))
-    sent = slot < capacity
-    out_sorted = returned[destination, jnp.minimum(slot, capacity - 1)] * sent[:, None].astype(
-        returned.dtype)
-    return _combine(out_sorted, order, weights)
+    sizes = jnp.bincount(received_expert, length=w_gate.shape[0]).astype(jnp.int32)
+    computed = _grouped_experts(received[local_order], sizes, w_gate, w_up, w_down)
+    return jnp.zeros_like(computed).at[local_order].set(computed)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _exchange_rounds(axis_name, num_shards: int, capacity: int, rows, local_expert, destination,
+                     rank, rounds, w_gate, w_up, w_down):
+    """Every assignment's expert output (A, D) for its input rows (A, D), sorted by expert, in
+    `rounds` exchanges of (num_shards, capacity) buffers (a loop whose trip count is a device
+    value, so a custom VJP: its backward pass is the same rounds, each sending the rows and
+    their output gradients to the owner and the input gradients back)."""
+    exchange = lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
+    empty = w_gate.shape[0]
+
+    def one_round(r, out):
+        slot = _round_slots(rank, r, capacity)
+        received = exchange(_pack(rows, destination, slot, num_shards, capacity, 0))
+        received_expert = exchange(_pack(local_expert, destination, slot, num_shards, capacity,
+                                         empty))
+        computed = _owner_experts(received.reshape(-1, rows.shape[-1]), received_expert.ravel(),
+                                  w_gate, w_up, w_down)
+        returned = exchange(computed.reshape(num_shards, capacity, -1))
+        return _unpack(returned, destination, slot, out, capacity)
+
+    return jax.lax.fori_loop(0, rounds, one_round, jnp.zeros_like(rows))
+
+
+def _exchange_rounds_forward(axis_name, num_shards, capacity, rows, local_expert, destination,
+                             rank, rounds, w_gate, w_up, w_down):
+    out = _exchange_rounds(axis_name, num_shards, capacity, rows, local_expert, destination,
+                           rank, rounds, w_gate, w_up, w_down)
+    return out, (rows, local_expert, destination, rank, rounds, w_gate, w_up, w_down)
+
+
+def _exchange_rounds_backward(axis_name, num_shards, capacity, residuals, cotangent):
+    rows, local_expert, destination, rank, rounds, w_gate, w_up, w_down = residuals
+    exchange = lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
+    weights = (w_gate, w_up, w_down)
+    width = rows.shape[-1]
+
+    def one_round(r, carry):
+        d_rows, d_weights = carry
+        slot = _round_slots(rank, r, capacity)
+        pack = lambda v, fill=0: exchange(_pack(v, destination, slot, num_shards, capacity, fill))
+        received = pack(rows).reshape(-1, width)
+        received_cotangent = pack(cotangent).reshape(-1, width)
+        received_expert = pack(local_expert, w_gate.shape[0]).ravel()
+        _, pullback = jax.vjp(lambda x, *w: _owner_experts(x, received_expert, *w), received,
+                              *weights)
+        d_received, *d_round = pullback(received_cotangent)
+        d_weights = tuple(acc + d.astype(jnp.float32) for acc, d in zip(d_weights, d_round))
+        returned = exchange(d_received.reshape(num_shards, capacity, width))
+        return _unpack(returned, destination, slot, d_rows, capacity), d_weights
+
+    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights)
+    d_rows, d_weights = jax.lax.fori_loop(0, rounds, one_round, (jnp.zeros_like(rows), zeros))
+    d_weights = tuple(d.astype(w.dtype) for d, w in zip(d_weights, weights))
+    return (d_rows, None, None, None, None, *d_weights)
+
+
+_exchange_rounds.defvjp(_exchange_rounds_forward, _exchange_rounds_backward)
 
 
 def routed_experts(x: jax.Array, router_kernel: jax.Array, bias: jax.Array, w_gate: jax.Array,
@@ -286,20 +370,12 @@ def sharded_moe(x: jax.Array, router_kernel: jax.Array, bias: jax.Array, w_gate:
 
 def _exact_exchange(args: tuple, axis_name: tuple[str, ...], num_shards: int,
                     capacity_factor: float) -> jax.Array:
-    """Dropless `exchange_dispatch`: buffers of `capacity_factor` x the balanced load per
-    destination, or, when any shard along the axis would overflow one, buffers that hold every
-    assignment (the same result, more traffic)."""
-    x, experts, _, w_gate = args[:4]
-    assignments = experts.size
+    """Dropless `exchange_dispatch` with buffers of `capacity_factor` x the balanced load per
+    destination (more rounds when a destination gets more)."""
+    assignments = args[1].size
     capacity = min(assignments, math.ceil(capacity_factor * assignments / num_shards))
-    run = lambda c: (lambda a: exchange_dispatch(*a, axis_name=axis_name, num_shards=num_shards,
-                                                  capacity=c))
-    if capacity == assignments:
-        return run(capacity)(args)
-    destination = experts.reshape(-1) // w_gate.shape[0]
-    busiest = jnp.max(jnp.bincount(destination, length=num_shards))
-    overflow = jax.lax.pmax(busiest, axis_name) > capacity
-    return jax.lax.cond(overflow, run(assignments), run(capacity), args)
+    return exchange_dispatch(*args, axis_name=axis_name, num_shards=num_shards,
+                             capacity=capacity)
 
 
 class MoE(nnx.Module):
