@@ -21,9 +21,9 @@ LAYERS = (
     ("data",),
     ("nn",),
     ("accounting", "interop"),
-    ("train",),
+    ("train", "inference"),
     ("analysis", "experiments"),
-    ("aot", "evaluate", "plot", "pretokenize"),
+    ("aot", "evaluate", "generate", "plot", "pretokenize"),
 )
 
 

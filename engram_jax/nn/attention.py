@@ -161,14 +161,44 @@ class Attention(nnx.Module):
         self.wo = logical_param(scaled_normal(n * h), rngs.params(), (n, h, d), param_dtype,
                                 (Q_HEADS, HEAD_DIM, EMBED))
 
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """x (B, L, D), positions int (B, L), segment ids int (B, L) or None -> (B, L, D)."""
+    def _project(self, x: jax.Array, positions: jax.Array):
+        """x (B, L, D) -> q (B, L, N, H), k, v (B, L, K, H), RoPE applied to q and k."""
         x = x.astype(self.dtype)
         cast = lambda w: w[...].astype(self.dtype)
         q = apply_rope(jnp.einsum("bld,dnh->blnh", x, cast(self.wq)), positions, self.rope_theta)
         k = apply_rope(jnp.einsum("bld,dkh->blkh", x, cast(self.wk)), positions, self.rope_theta)
-        v = jnp.einsum("bld,dkh->blkh", x, cast(self.wv))
+        return q, k, jnp.einsum("bld,dkh->blkh", x, cast(self.wv))
+
+    def _output(self, out: jax.Array) -> jax.Array:
+        return jnp.einsum("blnh,nhd->bld", out, self.wo[...].astype(self.dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """x (B, L, D), positions int (B, L), segment ids int (B, L) or None -> (B, L, D)."""
+        q, k, v = self._project(x, positions)
         kernel = resolve_kernel(self.kernel, self.dtype, x.shape[1])
-        out = causal_attention(q, k, v, segment_ids, kernel)
-        return jnp.einsum("blnh,nhd->bld", out, cast(self.wo))
+        return self._output(causal_attention(q, k, v, segment_ids, kernel))
+
+    def extend(self, x: jax.Array, positions: jax.Array, cache: dict
+               ) -> tuple[jax.Array, dict]:
+        """Attention of new tokens over a KV cache, for decoding.
+
+        Args:
+          x: (B, L, D) the new tokens' inputs, at int positions (B, L): row b's tokens are at
+            positions[b, 0] + 0..L-1 and are written to the cache there.
+          cache: {"k": (B, S, K, H), "v": (B, S, K, H)}, entries below positions[:, 0] filled.
+
+        Returns:
+          (B, L, D), and the cache with the new keys and values written. Position t reads the
+          cache entries 0..t (XLA's kernel).
+        """
+        q, k, v = self._project(x, positions)
+        write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(
+            c, new.astype(c.dtype), start, axis=0))
+        starts = positions[:, 0]
+        cache = {"k": write(cache["k"], k, starts), "v": write(cache["v"], v, starts)}
+        visible = jnp.arange(cache["k"].shape[1])[None, None, :] <= positions[:, :, None]
+        out = jax.nn.dot_product_attention(q, cache["k"].astype(q.dtype),
+                                           cache["v"].astype(q.dtype), mask=visible[:, None],
+                                           implementation="xla")
+        return self._output(out), cache

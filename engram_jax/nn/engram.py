@@ -200,22 +200,65 @@ class Engram(nnx.Module):
         keys = keys + self.key_bias[...].astype(self.dtype)
         return engram_gate(keys, hidden, self.key_norm[...], self.query_norm[...])
 
-    def __call__(self, hidden: jax.Array, hash_ids: jax.Array,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+    def _check(self, hidden: jax.Array, hash_ids: jax.Array) -> None:
         if hidden.ndim != 4 or hidden.shape[2:] != (self.hc_mult, self.hidden_size):
             raise ValueError(f"hidden states must be (batch, length, {self.hc_mult}, "
                              f"{self.hidden_size}), got {hidden.shape}")
         if hash_ids.shape[:2] != hidden.shape[:2]:
             raise ValueError(f"hash ids {hash_ids.shape} and hidden states {hidden.shape} "
                              "differ in batch or length")
-        memory = self.embed(hash_ids)
+
+    def _gated_value(self, hidden: jax.Array, memory: jax.Array) -> jax.Array:
+        """float32 (B, L, G, D) gate x value of hidden states (B, L, G, D), memory (B, L, E)."""
         gate = self.gates(hidden, memory)
         self.gate_mean[...] = jnp.mean(gate, axis=(0, 1))  # overwritten each call: no retrace
         value = memory @ self.value_kernel[...].astype(self.dtype) + self.value_bias[...].astype(
             self.dtype)
-        gated = gate[..., None] * value[:, :, None, :].astype(jnp.float32)  # (B, L, G, D) f32
+        return gate[..., None] * value[:, :, None, :].astype(jnp.float32)
+
+    @property
+    def conv_span(self) -> int:
+        """Past positions the short convolution reads: (kernel_size - 1) x dilation (0 without
+        the convolution)."""
+        if not self.config.short_conv:
+            return 0
+        return (self.config.kernel_size - 1) * self.config.dilation
+
+    def __call__(self, hidden: jax.Array, hash_ids: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        self._check(hidden, hash_ids)
+        gated = self._gated_value(hidden, self.embed(hash_ids))
         if not self.config.short_conv:
             return gated.astype(self.dtype)
         conv = short_conv(gated, self.conv_norm[...], self.conv_kernel[...],
                           self.config.dilation, segment_ids)
         return (gated + conv).astype(self.dtype)
+
+    def extend(self, hidden: jax.Array, hash_ids: jax.Array, history: jax.Array,
+               added: jax.Array, rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Y of new tokens, for decoding: the short convolution also reads the positions before.
+
+        Args:
+          hidden: (B, L, G, D) hidden states and hash_ids int32 (B, L, K) of the new tokens.
+          history: float32 (B, conv_span, G, D) the convolution's normalised inputs at the
+            conv_span positions before them (zeros before the sequence start).
+          added: int (B,) how many of the L tokens each row keeps (the rest are padding).
+          rows: (B, L, E) the tokens' table rows when the caller gathered them (tables in host
+            memory), else None: looked up here.
+
+        Returns:
+          Y (B, L, G, D) and the history after each row's first `added` tokens.
+        """
+        self._check(hidden, hash_ids)
+        memory = self.embed(hash_ids) if rows is None else rows.astype(self.dtype)
+        gated = self._gated_value(hidden, memory)
+        if not self.config.short_conv:
+            return gated.astype(self.dtype), history
+        normed = rms_norm(gated, self.conv_norm[...], CONV_NORM_EPS)
+        inputs = jnp.concatenate([history.astype(jnp.float32), normed], axis=1)
+        span = history.shape[1]
+        conv = jax.nn.silu(causal_depthwise_conv(
+            inputs, self.conv_kernel[...].astype(jnp.float32), self.config.dilation))[:, span:]
+        history = jax.vmap(lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, span))(
+            inputs, added)
+        return (gated + conv).astype(self.dtype), history

@@ -81,6 +81,45 @@ class Block(nnx.Module):
         x = self.attn_mhc(x, attend)
         return self.ffn_mhc(x, lambda u: self.ffn(self.ffn_norm(u)))
 
+    def extend(self, x: jax.Array, positions: jax.Array, hash_ids: jax.Array | None,
+               cache: dict, added: jax.Array, rows: jax.Array | None = None
+               ) -> tuple[jax.Array, dict]:
+        """The block on new tokens, for decoding: x (B, L, n, D) at positions (B, L), hash ids
+        (B, L, K) or None, this block's cache (`Transformer.init_cache`), `added` int (B,) the
+        tokens each row keeps, `rows` (B, L, E) table rows gathered by the caller or None.
+        Returns x (B, L, n, D) and the updated cache."""
+        new = dict(cache)
+        single_fusion = self.engram is not None and self.engram.config.fusion == "single"
+
+        def engram(hidden):
+            y, new["conv"] = self.engram.extend(hidden, hash_ids, cache["conv"], added, rows)
+            return y
+
+        if self.engram is not None and not single_fusion:
+            x = x + engram(x).astype(x.dtype)
+
+        def attend(u):
+            if single_fusion:
+                u = u + engram(u[:, :, None, :])[:, :, 0].astype(u.dtype)
+            out, kv = self.attn.extend(self.attn_norm(u), positions,
+                                       {"k": cache["k"], "v": cache["v"]})
+            new.update(kv)
+            return out
+
+        x = self.attn_mhc(x, attend)
+        return self.ffn_mhc(x, lambda u: self.ffn(self.ffn_norm(u))), new
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        """Zeros: keys and values "k", "v" (B, length, K, H) in the compute dtype and, with
+        Engram, the convolution's history "conv" float32 (B, conv_span, branches, D)."""
+        attn = self.attn
+        kv = jnp.zeros((batch, length, *attn.wk.shape[1:]), attn.dtype)
+        cache = {"k": kv, "v": kv}
+        if self.engram is not None:
+            cache["conv"] = jnp.zeros((batch, self.engram.conv_span, self.engram.hc_mult,
+                                       self.engram.hidden_size), jnp.float32)
+        return cache
+
     def engram_gates(self, x: jax.Array, hash_ids: jax.Array) -> jax.Array:
         """float32 (B, L, branches) gates of this block's Engram for its input streams x
         (B, L, n, D): one per stream, or one (the attention input's) with single fusion."""
@@ -198,8 +237,7 @@ class Transformer(nnx.Module):
             positions = (document_positions(segment_ids) if segment_ids is not None else
                          jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
         hash_ids = dict(hash_ids or {})
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(config.dtype))
-        x = constrain(expand_streams(x, config.hc_mult), STREAMS_AXES)
+        x = self.embed_tokens(tokens)
         run = _rematerialised(_run_block, config)
         states = [x]
         for entry in self.blocks:
@@ -251,6 +289,58 @@ class Transformer(nnx.Module):
                  positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         return self.head_logits(self.merged_streams(tokens, hash_ids, positions, segment_ids))
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        """The decoding state of `batch` empty sequences of at most `length` tokens:
+        {"lengths": int32 (B,) tokens so far, "blocks": one cache per entry of `blocks`
+        (`Block.init_cache`; a stack's with a leading axis of its blocks)}."""
+        caches = []
+        for entry in self.blocks:
+            if isinstance(entry, BlockStack):
+                one = nnx.eval_shape(lambda: Block(self.config, entry.first, rngs=nnx.Rngs(0)))
+                caches.append(jax.tree.map(lambda a: jnp.zeros((entry.count, *a.shape), a.dtype),
+                                           one.init_cache(batch, length)))
+            else:
+                caches.append(entry.init_cache(batch, length))
+        return {"lengths": jnp.zeros((batch,), jnp.int32), "blocks": caches}
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """int (B, L) tokens -> the initial streams (B, L, n, D)."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+        return constrain(expand_streams(x, self.config.hc_mult), STREAMS_AXES)
+
+    def extend_blocks(self, x: jax.Array, hash_ids: HashIds | None, cache: dict,
+                      added: jax.Array, rows: Mapping[int, jax.Array] | None = None,
+                      entries: range | None = None) -> tuple[jax.Array, list]:
+        """Streams x (B, L, n, D) of new tokens through the blocks `entries` (indices into
+        `blocks`; all by default), at positions cache["lengths"] + 0..L-1. Returns the streams
+        and the new caches of those entries (the others' unchanged); `lengths` is not moved."""
+        hash_ids, rows = dict(hash_ids or {}), dict(rows or {})
+        positions = cache["lengths"][:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)
+        caches = list(cache["blocks"])
+        for index in entries if entries is not None else range(len(self.blocks)):
+            entry = self.blocks[index]
+            if isinstance(entry, BlockStack):
+                def step(block, x, entry_cache):
+                    return block.extend(x, positions, None, entry_cache, added)
+
+                scan = nnx.scan(step, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+                x, caches[index] = scan(entry.layers, x, caches[index])
+            else:
+                x, caches[index] = entry.extend(x, positions, hash_ids.get(entry.layer),
+                                                caches[index], added, rows.get(entry.layer))
+        return x, caches
+
+    def extend(self, tokens: jax.Array, hash_ids: HashIds | None, cache: dict,
+               added: jax.Array, rows: Mapping[int, jax.Array] | None = None
+               ) -> tuple[jax.Array, dict]:
+        """Decoding: float32 logits (B, L, V) of new tokens int (B, L) after the `cache`'s, and
+        the cache with them added. Row b keeps its first added[b] tokens (prefill of prompts of
+        different lengths pads them on the right; the padding's logits mean nothing); equal to
+        the full-sequence call at the same positions."""
+        x, blocks = self.extend_blocks(self.embed_tokens(tokens), hash_ids, cache, added, rows)
+        cache = {"lengths": cache["lengths"] + added.astype(jnp.int32), "blocks": blocks}
+        return self.head_logits(self.merge(x)), cache
 
     def engram_blocks(self) -> list[Block]:
         """The blocks with an Engram module (never stacked), in layer order."""

@@ -36,7 +36,7 @@ from flax import nnx
 
 from engram_jax.config.loader import apply_overrides, config_to_dict, from_dict
 from engram_jax.config.schema import Config, ConfigError
-from engram_jax.data.tokenizer import TextTokenizer
+from engram_jax.data.tokenizer import TextTokenizer, load_tokenizer
 from engram_jax.nn.model import Transformer
 from engram_jax.sharding.mesh import default_mesh, use_mesh
 from engram_jax.train.checkpoint import Checkpointer
@@ -272,7 +272,8 @@ def load_trained(path: str | pathlib.Path, data_overrides: list[str] = ()) -> Tr
     `checkpoints/`), with its config (`data.*` overrides applied) and tokenizer.
 
     Raises:
-      FileNotFoundError: no such directory, or it holds no checkpoint.
+      FileNotFoundError: no such directory, it holds no checkpoint, or no tokenizer (neither in
+        the checkpoint nor in the run's `tokenizer/`).
       RuntimeError: no checkpoint could be read.
     """
     run = RunDir.containing(path)
@@ -283,9 +284,16 @@ def load_trained(path: str | pathlib.Path, data_overrides: list[str] = ()) -> Tr
         newest = checkpointer.newest_meta()
         if newest is None:
             raise RuntimeError(f"no checkpoint in {run.checkpoints} could be read")
-        meta = newest[1]
+        step, meta = newest
         config = from_dict(Config, apply_overrides(meta["config"], list(data_overrides)))
-        tokenizer = tokenizer_of(meta, f"{run.path} tokenizer")
+        if "tokenizer" in meta:
+            tokenizer = tokenizer_of(meta, f"{run.path} tokenizer")
+        elif (run.path / RunDir.TOKENIZER).is_dir():
+            tokenizer = load_tokenizer(run.path / RunDir.TOKENIZER)
+        else:
+            raise FileNotFoundError(f"the checkpoint at step {step} of {run.path} holds no "
+                                    f"tokenizer and {run.path / RunDir.TOKENIZER} does not "
+                                    "exist: copy the tokenizer the run was trained with there")
         with use_mesh(config.sharding, default_mesh(config.sharding)):
             model = Transformer(config.model, rngs=nnx.Rngs(0))
         restored = checkpointer.restore(model)

@@ -1,0 +1,114 @@
+"""Decoding speed, with and without Engram, and with Engram tables on the device or the host.
+
+For the config's model (random weights: speed does not depend on them) and the same model with
+`engram` removed, at each batch size: prefill tokens/s (the prompts through `extend` in one
+call) and decode tokens/s of
+  compiled         the whole decode in one `lax.while_loop`, hashing on the device
+  stepwise         one compiled step per token, hashing on the host, tables on the device
+  stepwise_host    the same with the Engram tables in host memory (rows gathered on the host
+                   while the blocks before the first Engram layer run)
+Decode tokens/s is B x (N - 1) / (time for N new tokens - time for 1), so prefill and compile
+are left out; each figure is the best of --repeats runs, the models and loops alternating so all
+see the same machine load. One JSON line per (model, batch, loop), then one per batch with the
+ratios of this run: Engram's decode overhead (compiled, against the model without Engram), host
+tables against device tables (stepwise), and hashing on the device against the host (compiled
+against stepwise).
+
+Usage: python bench/decode.py [--config configs/small.yaml] [--batches 1 16] [--prompt-len 64]
+       [--new-tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from engram_jax.config import load_model_config
+from engram_jax.data.compression import CompressedTokenizer
+from engram_jax.data.hashing import NgramHasher
+from engram_jax.inference.decode import _prefill_step, decode_ids, prompt_bucket
+from engram_jax.nn.model import Transformer
+
+LOOPS = {"compiled": ("device", "compiled"), "stepwise": ("device", "stepwise"),
+         "stepwise_host": ("host", "stepwise")}
+
+
+def _seconds(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/small.yaml")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    config = load_model_config(args.config)
+    if config.engram is None:
+        raise SystemExit(f"{args.config} has no Engram layers to compare against")
+    models = {"engram": Transformer(config, rngs=nnx.Rngs(0)),
+              "no_engram": Transformer(dataclasses.replace(config, engram=None),
+                                       rngs=nnx.Rngs(0))}
+    hasher = NgramHasher(config.engram, CompressedTokenizer.identity(config.vocab_size))
+    rng = np.random.default_rng(0)
+    for batch in args.batches:
+        prompts = rng.integers(0, config.vocab_size, (batch, args.prompt_len)).tolist()
+        runs = [(name, loop) for name in models for loop in LOOPS
+                if name == "engram" or loop != "stepwise_host"]
+
+        def decode(name, loop, new):
+            tables, kind = LOOPS[loop]
+            return decode_ids(models[name], hasher if name == "engram" else None, prompts,
+                              max_new=new, engram_tables=tables, loop=kind)
+
+        def prefill(name):
+            model = models[name]
+            padded = prompt_bucket(args.prompt_len, None)
+            ids = hasher(np.asarray(prompts)) if name == "engram" else {}
+            graphdef, state = nnx.split(model)
+            jax.block_until_ready(_prefill_step(
+                graphdef, state, np.asarray(prompts, np.int32), ids,
+                np.full(batch, args.prompt_len, np.int32), None, cache_len=padded))
+
+        best: dict = {}
+        for name, loop in runs:  # compile every program first
+            decode(name, loop, 1), decode(name, loop, args.new_tokens), prefill(name)
+        for _ in range(args.repeats):
+            for name, loop in runs:
+                one = _seconds(lambda: decode(name, loop, 1))
+                many = _seconds(lambda: decode(name, loop, args.new_tokens))
+                fill = _seconds(lambda: prefill(name))
+                entry = best.setdefault((name, loop), {"decode_s": np.inf, "prefill_s": np.inf})
+                entry["decode_s"] = min(entry["decode_s"], max(many - one, 1e-9))
+                entry["prefill_s"] = min(entry["prefill_s"], fill)
+        rates = {}
+        for (name, loop), entry in best.items():
+            rates[name, loop] = batch * (args.new_tokens - 1) / entry["decode_s"]
+            print(json.dumps({
+                "model": name, "loop": loop, "batch": batch, "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens, "decode_tokens_per_s": round(rates[name, loop], 1),
+                "prefill_tokens_per_s": round(batch * args.prompt_len / entry["prefill_s"], 1),
+                "backend": jax.default_backend()}), flush=True)
+        print(json.dumps({
+            "batch": batch,
+            "engram_decode_overhead": round(
+                rates["no_engram", "compiled"] / rates["engram", "compiled"] - 1, 4),
+            "host_tables_throughput_loss": round(
+                1 - rates["engram", "stepwise_host"] / rates["engram", "stepwise"], 4),
+            "device_hashing_speedup": round(
+                rates["engram", "compiled"] / rates["engram", "stepwise"], 4)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
