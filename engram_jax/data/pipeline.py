@@ -16,7 +16,7 @@ import grain
 import jax
 import numpy as np
 
-from engram_jax.config.schema import Config
+from engram_jax.config.schema import Config, EngramConfig
 from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.data.hashing import NgramHasher, segment_ids_from_separator
 from engram_jax.data.prepare import PreparedData
@@ -71,13 +71,19 @@ class _AddHashIds(grain.transforms.Map):
 
 
 def make_hasher(config: Config, tokenizer: TextTokenizer, eod_id: int) -> NgramHasher | None:
-    """The Engram hasher of `config` for a tokenizer (compression on or off as configured;
+    """The Engram hasher of `config` for a tokenizer (`engram_hasher` with the model's Engram
+    settings and `data.document_mask`); None without Engram."""
+    return engram_hasher(config.model.engram, tokenizer, eod_id, config.data.document_mask)
+
+
+def engram_hasher(engram: EngramConfig | None, tokenizer: TextTokenizer, eod_id: int,
+                  document_mask: bool = False) -> NgramHasher | None:
+    """The hasher of Engram settings for a tokenizer: compression on or off as configured,
     hashes reset at document boundaries with `engram.reset_at_document_boundary` or
-    `data.document_mask`); None without Engram."""
-    engram = config.model.engram
+    `document_mask`; None for no Engram."""
     if engram is None:
         return None
-    if config.data.document_mask:
+    if document_mask:
         engram = dataclasses.replace(engram, reset_at_document_boundary=True)
     compressor = (CompressedTokenizer.from_tokenizer(tokenizer) if engram.tokenizer_compression
                   else CompressedTokenizer.identity(len(tokenizer)))

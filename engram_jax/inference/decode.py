@@ -31,11 +31,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.data.hashing import NgramHasher
+from engram_jax.data.pipeline import engram_hasher
 from engram_jax.data.prepare import end_of_document_id
 from engram_jax.data.tokenizer import TextTokenizer
-from engram_jax.inference.hashing import DeviceHasher, prompt_history
+from engram_jax.inference.hashing import DeviceHasher, next_history, prompt_history
 from engram_jax.inference.host_tables import HostTables, state_without_tables
 from engram_jax.inference.sampling import Sampling, sample_tokens
 from engram_jax.nn.model import Block, Transformer
@@ -63,20 +63,6 @@ def prompt_bucket(length: int, limit: int | None) -> int:
     `limit`."""
     bucket = max(MIN_BUCKET, 1 << max(0, length - 1).bit_length())
     return bucket if limit is None else max(length, min(bucket, limit))
-
-
-def make_decode_hasher(model: Transformer, tokenizer: TextTokenizer, separator_id: int,
-                       reset: bool) -> NgramHasher | None:
-    """The `NgramHasher` the model was trained with (hashes reset at document ends when
-    `reset`), or None without Engram."""
-    engram = model.config.engram
-    if engram is None:
-        return None
-    if reset:
-        engram = dataclasses.replace(engram, reset_at_document_boundary=True)
-    compressor = (CompressedTokenizer.from_tokenizer(tokenizer) if engram.tokenizer_compression
-                  else CompressedTokenizer.identity(len(tokenizer)))
-    return NgramHasher(engram, compressor, separator_id=separator_id)
 
 
 # The sink of the compiled loop's ordered host callback; set by `generate` while it runs.
@@ -189,9 +175,7 @@ class _HostHistory:
         window = np.concatenate([self.history, self.hasher.compressor(tokens)[:, None]], axis=1)
         ids = {layer: self.hasher.hash_compressed(window, layer)[:, -1:]
                for layer in self.hasher.config.layer_ids}
-        self.history = window[:, 1:].astype(np.int32)
-        if self.hasher.config.reset_at_document_boundary:
-            self.history[tokens == self.hasher.separator_id] = self.hasher.pad_id
+        self.history = next_history(self.hasher, self.history, tokens)
         return ids
 
 
@@ -259,7 +243,7 @@ def decode_ids(model: Transformer, hasher: NgramHasher | None, prompts: list[lis
                ) -> DecodeResult:
     """Continues prompts given as token ids (non-empty); `generate` without the tokenizer.
 
-    `hasher` is the model's `NgramHasher` (`make_decode_hasher`), None without Engram;
+    `hasher` is the model's `NgramHasher` (`data.pipeline.engram_hasher`), None without Engram;
     `vocab_limit` the tokenizer's length (no larger id is sampled); `on_tokens(tokens (B,),
     alive (B,))` is called after every step with the new tokens and the rows they extend. The
     prompts are padded to `prompt_bucket(longest, max_length)`; other arguments as `generate`.
@@ -367,7 +351,7 @@ def generate(model: Transformer, tokenizer: TextTokenizer, prompts: Sequence[str
                 on_text(int(row), text[len(emitted[row]):])
                 emitted[row] = text
 
-    result = decode_ids(model, make_decode_hasher(model, tokenizer, eod_id, document_mask),
+    result = decode_ids(model, engram_hasher(model.config.engram, tokenizer, eod_id, document_mask),
                         encoded, max_new=max_new, sampling=sampling, seed=seed,
                         stop_tokens=stop, vocab_limit=len(tokenizer), max_length=max_length,
                         engram_tables=engram_tables, loop=loop,

@@ -125,17 +125,19 @@ class DeviceHasher:
         return jnp.where((tokens == self.separator_id)[:, None], self.pad_id, shifted)
 
 
+def next_history(hasher: NgramHasher, history: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """`DeviceHasher.next_history` on the host: int32 (B, N - 1) after tokens int (B,)."""
+    shifted = np.concatenate([history[:, 1:], hasher.compressor(tokens)[:, None]], axis=1)
+    if hasher.config.reset_at_document_boundary:
+        shifted[np.asarray(tokens) == hasher.separator_id] = hasher.pad_id
+    return shifted.astype(np.int32)
+
+
 def prompt_history(hasher: NgramHasher, prompts: list[list[int]]) -> np.ndarray:
-    """int32 (B, N - 1) history after each prompt (token ids), as `DeviceHasher.next_history`
-    would leave it after feeding the prompt token by token."""
-    size = hasher.config.max_ngram_size - 1
-    reset = hasher.config.reset_at_document_boundary
-    out = np.full((len(prompts), size), hasher.pad_id, np.int32)
+    """int32 (B, N - 1) history after each prompt (token ids), as feeding the prompt token by
+    token through `next_history` leaves it."""
+    out = np.full((len(prompts), hasher.config.max_ngram_size - 1), hasher.pad_id, np.int32)
     for row, prompt in enumerate(prompts):
         for token in prompt:
-            if reset and token == hasher.separator_id:
-                out[row] = hasher.pad_id
-            else:
-                out[row] = np.roll(out[row], -1)
-                out[row, -1] = hasher.compressor.lookup[token]
+            out[row:row + 1] = next_history(hasher, out[row:row + 1], np.asarray([token]))
     return out
