@@ -182,12 +182,14 @@ def compiler_counted_flops_per_token(model: ModelConfig, counts: ParamCounts,
                                      splash: bool) -> int:
     """The part of the analytic FLOPs per token that the compiler's `cost_analysis` counts.
 
-    It counts a `while` loop's body once, so a scanned run of blocks (`block_runs`) counts as
-    one block and the LM head, computed `model.logits_chunk` positions at a time in a scan, as
-    one chunk; and the splash kernel declares no cost, so with it attention is not counted."""
+    It counts a `while` loop's body once and a conditional as its costliest branch, so a
+    scanned run of blocks (`block_runs`, its Engram layers under a switch) counts as its costliest
+    block, and the LM head, computed `model.logits_chunk` positions at a time in a scan, as one
+    chunk; and the splash kernel declares no cost, so with it attention is not counted."""
     runs = block_runs(model)
     layers = counts.layer_flops_per_token
-    uncounted = sum((count - 1) * layers[first] for first, count in runs)
+    uncounted = sum(sum(layers[first:first + count]) - max(layers[first:first + count])
+                    for first, count in runs)
     head = counts.flops_per_token - sum(layers)
     chunks = counts.seq_len // chunk_size(counts.seq_len, model.logits_chunk)
     uncounted += head - head // chunks

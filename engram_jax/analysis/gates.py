@@ -27,9 +27,7 @@ from engram_jax.nn.model import Transformer
 @nnx.jit
 def gate_values(model: Transformer, tokens: jax.Array, hash_ids) -> dict[int, jax.Array]:
     """Engram layer id -> float32 (B, L, branches) gates of int tokens (B, L)."""
-    states = model.hidden_states(tokens, hash_ids)
-    return {block.layer: block.engram_gates(states[block.layer], hash_ids[block.layer])
-            for block in model.engram_blocks()}
+    return model.engram_gates(model.hidden_states(tokens, hash_ids), hash_ids)
 
 
 def text_gates(checkpoint: probe.Checkpoint, token_ids: np.ndarray) -> dict[int, np.ndarray]:

@@ -209,8 +209,9 @@ class ModelConfig:
       tie_embeddings: the LM head reuses the token embedding.
       dtype: compute dtype; param_dtype: storage dtype.
       remat: activation rematerialisation per block: "none", "full", or "save_dots".
-      scan_layers: run each run of identical consecutive blocks (same FFN kind, no Engram) as
-        one `nnx.scan` over stacked parameters, so compile time does not grow with depth.
+      scan_layers: run each run of consecutive blocks with the same FFN kind as one `nnx.scan`
+        over stacked parameters (a run's Engram layers included: their modules sit beside the
+        stack), so compile time does not grow with depth.
         Checkpoints store the blocks in this layout: a checkpoint written with the other
         setting is refused with a message saying so.
       attention: the attention kernel: "auto" (the platform's: "splash" on TPU, "cudnn" on

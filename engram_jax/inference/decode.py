@@ -38,7 +38,7 @@ from engram_jax.data.tokenizer import TextTokenizer
 from engram_jax.inference.hashing import DeviceHasher, next_history, prompt_history
 from engram_jax.inference.host_tables import HostTables, state_without_tables
 from engram_jax.inference.sampling import Sampling, sample_tokens
-from engram_jax.nn.model import Block, Transformer
+from engram_jax.nn.model import Transformer
 
 MIN_BUCKET = 16
 TABLE_PLACES = ("device", "host")
@@ -193,8 +193,8 @@ def decode_stepwise(model: Transformer, hasher: NgramHasher | None,
     else:
         graphdef, state = nnx.split(model)
     gather = tables.gather if tables is not None else (lambda ids: None)
-    first_engram = next((i for i, b in enumerate(model.blocks)
-                         if isinstance(b, Block) and b.engram is not None), len(model.blocks))
+    first_engram = next((i for i, entry in enumerate(model.blocks) if entry.engram_layers),
+                        len(model.blocks))
     front, back = range(first_engram), range(first_engram, len(model.blocks))
     last, cache = _prefill_step(graphdef, state, jnp.asarray(prompt), prompt_ids,
                                 jnp.asarray(lengths), gather(prompt_ids), cache_len=cache_len)

@@ -16,7 +16,7 @@ from engram_jax.nn.model import Transformer
 
 
 def _is_table(path, _value) -> bool:
-    return len(path) >= 2 and path[-2] == "engram" and path[-1] == "table"
+    return "engram" in path and path[-1] == "table"
 
 
 class HostTables:
@@ -28,9 +28,9 @@ class HostTables:
 
     def __init__(self, model: Transformer):
         self.tables, self.offsets = {}, {}
-        for block in model.engram_blocks():
-            self.tables[block.layer] = np.asarray(jax.device_get(block.engram.table[...]))
-            self.offsets[block.layer] = np.asarray(block.engram.layout.offsets, np.int64)
+        for layer, engram in model.engram_modules().items():
+            self.tables[layer] = np.asarray(jax.device_get(engram.table[...]))
+            self.offsets[layer] = np.asarray(engram.layout.offsets, np.int64)
 
     @property
     def nbytes(self) -> int:

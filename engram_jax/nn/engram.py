@@ -200,21 +200,21 @@ class Engram(nnx.Module):
         keys = keys + self.key_bias[...].astype(self.dtype)
         return engram_gate(keys, hidden, self.key_norm[...], self.query_norm[...])
 
-    def _check(self, hidden: jax.Array, hash_ids: jax.Array) -> None:
+    def _check(self, hidden: jax.Array, ids_or_rows: jax.Array) -> None:
         if hidden.ndim != 4 or hidden.shape[2:] != (self.hc_mult, self.hidden_size):
             raise ValueError(f"hidden states must be (batch, length, {self.hc_mult}, "
                              f"{self.hidden_size}), got {hidden.shape}")
-        if hash_ids.shape[:2] != hidden.shape[:2]:
-            raise ValueError(f"hash ids {hash_ids.shape} and hidden states {hidden.shape} "
-                             "differ in batch or length")
+        if ids_or_rows.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"hash ids or rows {ids_or_rows.shape} and hidden states "
+                             f"{hidden.shape} differ in batch or length")
 
-    def _gated_value(self, hidden: jax.Array, memory: jax.Array) -> jax.Array:
-        """float32 (B, L, G, D) gate x value of hidden states (B, L, G, D), memory (B, L, E)."""
+    def _gated_value(self, hidden: jax.Array, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """float32 (B, L, G, D) gate x value of hidden states (B, L, G, D), memory (B, L, E),
+        and the float32 (B, L, G) gates."""
         gate = self.gates(hidden, memory)
-        self.gate_mean[...] = jnp.mean(gate, axis=(0, 1))  # overwritten each call: no retrace
         value = memory @ self.value_kernel[...].astype(self.dtype) + self.value_bias[...].astype(
             self.dtype)
-        return gate[..., None] * value[:, :, None, :].astype(jnp.float32)
+        return gate[..., None] * value[:, :, None, :].astype(jnp.float32), gate
 
     @property
     def conv_span(self) -> int:
@@ -224,15 +224,24 @@ class Engram(nnx.Module):
             return 0
         return (self.config.kernel_size - 1) * self.config.dilation
 
+    def term(self, hidden: jax.Array, memory: jax.Array,
+             segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Y (B, L, G, D) and the float32 (B, L, G) gates from the looked-up rows `memory`
+        (B, L, E) (`embed`), changing no state (for use under `lax.switch`); `__call__` looks
+        the rows up and also records the gates' mean in `gate_mean`."""
+        self._check(hidden, memory)
+        gated, gate = self._gated_value(hidden, memory)
+        if self.config.short_conv:
+            gated = gated + short_conv(gated, self.conv_norm[...], self.conv_kernel[...],
+                                       self.config.dilation, segment_ids)
+        return gated.astype(self.dtype), gate
+
     def __call__(self, hidden: jax.Array, hash_ids: jax.Array,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         self._check(hidden, hash_ids)
-        gated = self._gated_value(hidden, self.embed(hash_ids))
-        if not self.config.short_conv:
-            return gated.astype(self.dtype)
-        conv = short_conv(gated, self.conv_norm[...], self.conv_kernel[...],
-                          self.config.dilation, segment_ids)
-        return (gated + conv).astype(self.dtype)
+        y, gate = self.term(hidden, self.embed(hash_ids), segment_ids)
+        self.gate_mean[...] = jnp.mean(gate, axis=(0, 1))  # overwritten each call: no retrace
+        return y
 
     def extend(self, hidden: jax.Array, hash_ids: jax.Array, history: jax.Array,
                added: jax.Array, rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -247,11 +256,12 @@ class Engram(nnx.Module):
             memory), else None: looked up here.
 
         Returns:
-          Y (B, L, G, D) and the history after each row's first `added` tokens.
+          Y (B, L, G, D) and the history after each row's first `added` tokens. Changes no
+          state.
         """
-        self._check(hidden, hash_ids)
+        self._check(hidden, hash_ids if rows is None else rows)
         memory = self.embed(hash_ids) if rows is None else rows.astype(self.dtype)
-        gated = self._gated_value(hidden, memory)
+        gated, _ = self._gated_value(hidden, memory)
         if not self.config.short_conv:
             return gated.astype(self.dtype), history
         normed = rms_norm(gated, self.conv_norm[...], CONV_NORM_EPS)

@@ -132,7 +132,13 @@ class Checkpointer:
                    if before.get(k) != now.get(k)]
         if changed:
             cause = "it was written by another model or code version"
-            if _stacked_runs(before) != _stacked_runs(now):
+            stacked_before, stacked_now = _stacked_runs(before), _stacked_runs(now)
+            if stacked_before and stacked_now and stacked_before != stacked_now:
+                cause = (f"its blocks are stacked in other runs (entries {sorted(stacked_before)} "
+                         f"of blocks, here {sorted(stacked_now)}): it was written by a version "
+                         "in which Engram layers were blocks of their own beside the stacked "
+                         "runs, or by another model; restore it with the version that wrote it")
+            elif stacked_before != stacked_now:
                 cause = ("its blocks are stored in the other layout of model.scan_layers "
                          "(stacked runs of blocks, or one entry per block); restore it with "
                          "model.scan_layers set as when it was written")
@@ -160,9 +166,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def _stacked_runs(paths) -> set[str]:
+def _stacked_runs(paths) -> set[int]:
     """The entries of `blocks` that hold a stacked run (`model.scan_layers`), from state paths."""
-    return {p.split("/")[1] for p in paths
+    return {int(p.split("/")[1]) for p in paths
             if p.startswith("blocks/") and p.count("/") > 2 and p.split("/")[2] == "layers"}
 
 

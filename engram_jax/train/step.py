@@ -29,7 +29,8 @@ def lm_loss(model: Transformer, tokens: jax.Array, hash_ids,
             segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy of (B, L + 1) tokens, and the Engram gate means."""
     loss = model.next_token_nll(tokens, hash_ids, segment_ids).mean()
-    gates = {str(b.layer): b.engram.gate_mean[...] for b in model.engram_blocks()}
+    gates = {str(layer): module.gate_mean[...]
+             for layer, module in model.engram_modules().items()}
     return loss, gates
 
 
