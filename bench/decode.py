@@ -34,8 +34,7 @@ from flax import nnx
 from engram_jax.config import load_model_config
 from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.data.hashing import NgramHasher
-from engram_jax.inference.decode import _HostHistory, _prefill_step, decode_ids, prompt_bucket
-from engram_jax.inference.host_tables import HostTables
+from engram_jax.inference.decode import Decoder, _HostHistory, _prefill_step, prompt_bucket
 from engram_jax.nn.model import Transformer
 
 LOOPS = {"compiled": ("device", "compiled"), "stepwise": ("device", "stepwise"),
@@ -70,10 +69,11 @@ def main() -> None:
         runs = [(name, loop) for name in models for loop in LOOPS
                 if name == "engram" or loop != "stepwise_host"]
 
+        decoders = {(name, loop): Decoder(models[name], hasher if name == "engram" else None,
+                                          engram_tables=LOOPS[loop][0]) for name, loop in runs}
+
         def decode(name, loop, new):
-            tables, kind = LOOPS[loop]
-            return decode_ids(models[name], hasher if name == "engram" else None, prompts,
-                              max_new=new, engram_tables=tables, loop=kind)
+            return decoders[name, loop].decode(prompts, max_new=new, loop=LOOPS[loop][1])
 
         def prefill(name):
             model = models[name]
@@ -102,7 +102,7 @@ def main() -> None:
                 "decode_tokens_per_s": round(float(np.median(values)), 1),
                 "prefill_tokens_per_s": round(float(np.median(fills[name])), 1),
                 "repeats": args.repeats, "backend": jax.default_backend()}), flush=True)
-        tables = HostTables(models["engram"])
+        tables = decoders["engram", "stepwise_host"].tables
         history = _HostHistory(hasher, np.zeros((batch, config.engram.max_ngram_size - 1),
                                                 np.int32))
         new = np.asarray(prompts)[:, 0]

@@ -18,7 +18,7 @@ from conftest import tiny_text_overrides
 from engram_jax.config import load_config
 from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.data.hashing import NgramHasher
-from engram_jax.inference import decode
+from engram_jax.inference import decode, host_tables
 from engram_jax.inference.decode import GenerationError, generate
 from engram_jax.inference.hashing import DeviceHasher, prompt_history
 from engram_jax.inference.host_tables import state_without_tables
@@ -156,6 +156,21 @@ def test_greedy_decoding_is_deterministic_and_every_loop_and_table_place_agrees(
     _, state = state_without_tables(model)
     tables = [v for p, v in nnx.to_flat_state(state) if p[-1] == "table"]
     assert len(tables) == 2 and all(t.shape[0] == 0 for t in tables)
+
+
+def test_a_generator_builds_its_tables_once_and_equals_generate(decode_run, monkeypatch):
+    trained = load_trained(decode_run)
+    model, tokenizer = trained.model, trained.tokenizer
+    copies = []
+    monkeypatch.setattr(decode, "HostTables",
+                        lambda m: copies.append(m) or host_tables.HostTables(m))
+    generator = decode.Generator(model, tokenizer, engram_tables="host")
+    kw = dict(max_new_tokens=6, stop_tokens=[])
+    results = [generator(PROMPTS, **kw), generator(PROMPTS, **kw)]
+    assert len(copies) == 1  # built with the generator, not per call
+    assert results[0] == results[1] == generate(model, tokenizer, PROMPTS, **kw)
+    with pytest.raises(GenerationError, match="host tables decode stepwise"):
+        generator(PROMPTS, loop="compiled")
 
 
 def test_sampling_with_a_seed_stop_tokens_and_rows_that_finish_early(decode_run):

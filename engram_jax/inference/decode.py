@@ -179,23 +179,19 @@ class _HostHistory:
         return ids
 
 
-def decode_stepwise(model: Transformer, hasher: NgramHasher | None,
+def decode_stepwise(graphdef, state, front: range, back: range, hasher: NgramHasher | None,
                     tables: HostTables | None, prompt: np.ndarray, prompt_ids: dict,
                     lengths: np.ndarray, history: np.ndarray, key: jax.Array, *,
                     sampling: Sampling, max_new: int, cache_len: int,
                     stop_tokens: tuple[int, ...], vocab_limit: int,
                     on_tokens: Callable | None = None):
     """The decode as one compiled step per token, hashing on the host; with `tables` the
-    Engram rows are gathered on the host (the device holds no table), otherwise looked up on
-    the device from the host's ids. Arguments and results as `decode_on_device` (numpy)."""
-    if tables is not None:
-        graphdef, state = state_without_tables(model)
-    else:
-        graphdef, state = nnx.split(model)
+    Engram rows are gathered on the host (and `state` holds no table: `state_without_tables`),
+    otherwise looked up on the device from the host's ids. Each step dispatches the entries
+    `front` of `Transformer.blocks` (those before the first with an Engram layer), hashes and
+    gathers while they run, then runs the entries `back` and samples. Other arguments and the
+    results as `decode_on_device` (numpy)."""
     gather = tables.gather if tables is not None else (lambda ids: None)
-    first_engram = next((i for i, entry in enumerate(model.blocks) if entry.engram_layers),
-                        len(model.blocks))
-    front, back = range(first_engram), range(first_engram, len(model.blocks))
     last, cache = _prefill_step(graphdef, state, jnp.asarray(prompt), prompt_ids,
                                 jnp.asarray(lengths), gather(prompt_ids), cache_len=cache_len)
     tokens = _first_token(last, jax.random.fold_in(key, 0), sampling=sampling,
@@ -223,6 +219,8 @@ def decode_stepwise(model: Transformer, hasher: NgramHasher | None,
     return out, count, done
 
 
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeResult:
     """Token ids of a decode: int32 (B, max_new) tokens (stop tokens included, then -1),
@@ -234,73 +232,104 @@ class DecodeResult:
     stopped: np.ndarray
 
 
-def decode_ids(model: Transformer, hasher: NgramHasher | None, prompts: list[list[int]], *,
-               max_new: int, sampling: Sampling = Sampling(), seed: int = 0,
-               stop_tokens: tuple[int, ...] = (), vocab_limit: int | None = None,
-               max_length: int | None = None, engram_tables: str = "device",
-               loop: str | None = None,
+class Decoder:
+    """Decodes prompts given as token ids with one model, building once what every decode
+    uses: the model's split state, the device hasher's product tables and, with host tables,
+    the tables' copy in host memory. It holds the parameters as they are when it is built:
+    build another after they change.
+
+    Args:
+      model: the `Transformer`.
+      hasher: its `NgramHasher` (`data.pipeline.engram_hasher`), None without Engram.
+      engram_tables: "device", or "host": the tables are copied to host memory here and the
+        device state holds none.
+
+    Raises:
+      GenerationError: an unknown `engram_tables`.
+    """
+
+    def __init__(self, model: Transformer, hasher: NgramHasher | None, *,
+                 engram_tables: str = "device"):
+        if engram_tables not in TABLE_PLACES:
+            raise GenerationError(f"engram_tables={engram_tables!r} is not one of {TABLE_PLACES}")
+        self.config, self.hasher, self.engram_tables = model.config, hasher, engram_tables
+        host = engram_tables == "host" and hasher is not None
+        self.tables = HostTables(model) if host else None
+        self.graphdef, self.state = state_without_tables(model) if host else nnx.split(model)
+        first = next((i for i, entry in enumerate(model.blocks) if entry.engram_layers),
+                     len(model.blocks))
+        self.front, self.back = range(first), range(first, len(model.blocks))
+
+    @functools.cached_property
+    def device_hasher(self) -> DeviceHasher | None:
+        """The hasher of the compiled loop (built on first use)."""
+        if self.hasher is None:
+            return None
+        return DeviceHasher(self.hasher, self.config.vocab_size)
+
+    def decode(self, prompts: list[list[int]], *, max_new: int, sampling: Sampling = Sampling(),
+               seed: int = 0, stop_tokens: tuple[int, ...] = (), vocab_limit: int | None = None,
+               max_length: int | None = None, loop: str | None = None,
                on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None
                ) -> DecodeResult:
-    """Continues prompts given as token ids (non-empty); `generate` without the tokenizer.
+        """Continues `prompts` (non-empty lists of ids), padded to
+        `prompt_bucket(longest, max_length)`.
 
-    `hasher` is the model's `NgramHasher` (`data.pipeline.engram_hasher`), None without Engram;
-    `vocab_limit` the tokenizer's length (no larger id is sampled); `on_tokens(tokens (B,),
-    alive (B,))` is called after every step with the new tokens and the rows they extend. The
-    prompts are padded to `prompt_bucket(longest, max_length)`; other arguments as `generate`.
-    """
-    if engram_tables not in TABLE_PLACES:
-        raise GenerationError(f"engram_tables={engram_tables!r} is not one of {TABLE_PLACES}")
-    loop = loop or ("stepwise" if engram_tables == "host" else "compiled")
-    if loop not in ("compiled", "stepwise") or (loop == "compiled" and engram_tables == "host"):
-        raise GenerationError(f"loop={loop!r} with engram_tables={engram_tables!r}: host tables "
-                              "decode stepwise; device tables 'compiled' or 'stepwise'")
-    padded = prompt_bucket(max(len(ids) for ids in prompts), max_length)
-    prompt = np.zeros((len(prompts), padded), np.int32)
-    for row, ids in enumerate(prompts):
-        prompt[row, :len(ids)] = ids
-    lengths = np.asarray([len(ids) for ids in prompts], np.int32)
-    prompt_ids = hasher(prompt) if hasher is not None else {}
-    history = (prompt_history(hasher, prompts) if hasher is not None else
-               np.zeros((len(prompts), 0), np.int32))
-    settings = dict(sampling=sampling, max_new=max_new, cache_len=padded + max_new,
-                    stop_tokens=tuple(stop_tokens),
-                    vocab_limit=vocab_limit or model.config.vocab_size)
-    key = jax.random.key(seed)
-    if loop == "stepwise":
-        tables = HostTables(model) if engram_tables == "host" and hasher is not None else None
-        return DecodeResult(*decode_stepwise(model, hasher, tables, prompt, prompt_ids, lengths,
-                                             history, key, on_tokens=on_tokens, **settings))
-    graphdef, state = nnx.split(model)
-    device_hasher = (DeviceHasher(hasher, model.config.vocab_size) if hasher is not None
-                     else None)
-    if on_tokens is not None:
-        _stream_sink.append(on_tokens)
-    try:
-        out = decode_on_device(graphdef, state, device_hasher, jnp.asarray(prompt), prompt_ids,
-                               jnp.asarray(lengths), jnp.asarray(history), key,
-                               stream=on_tokens is not None, **settings)
-        return DecodeResult(*jax.device_get(out))
-    finally:
+        `vocab_limit` is the tokenizer's length (no larger id is sampled); `on_tokens(tokens
+        (B,), alive (B,))` is called after every step with the new tokens and the rows they
+        extend; `loop` "compiled" or "stepwise" (default compiled for device tables; host
+        tables decode stepwise). Other arguments as `generate`."""
+        loop = loop or ("stepwise" if self.engram_tables == "host" else "compiled")
+        if loop not in ("compiled", "stepwise") or (loop == "compiled" and
+                                                    self.engram_tables == "host"):
+            raise GenerationError(f"loop={loop!r} with engram_tables={self.engram_tables!r}: "
+                                  "host tables decode stepwise; device tables 'compiled' or "
+                                  "'stepwise'")
+        hasher = self.hasher
+        padded = prompt_bucket(max(len(ids) for ids in prompts), max_length)
+        prompt = np.zeros((len(prompts), padded), np.int32)
+        for row, ids in enumerate(prompts):
+            prompt[row, :len(ids)] = ids
+        lengths = np.asarray([len(ids) for ids in prompts], np.int32)
+        prompt_ids = hasher(prompt) if hasher is not None else {}
+        history = (prompt_history(hasher, prompts) if hasher is not None else
+                   np.zeros((len(prompts), 0), np.int32))
+        settings = dict(sampling=sampling, max_new=max_new, cache_len=padded + max_new,
+                        stop_tokens=tuple(stop_tokens),
+                        vocab_limit=vocab_limit or self.config.vocab_size)
+        key = jax.random.key(seed)
+        if loop == "stepwise":
+            return DecodeResult(*decode_stepwise(
+                self.graphdef, self.state, self.front, self.back, hasher, self.tables, prompt,
+                prompt_ids, lengths, history, key, on_tokens=on_tokens, **settings))
         if on_tokens is not None:
-            _stream_sink.pop()
+            _stream_sink.append(on_tokens)
+        try:
+            out = decode_on_device(self.graphdef, self.state, self.device_hasher,
+                                   jnp.asarray(prompt), prompt_ids, jnp.asarray(lengths),
+                                   jnp.asarray(history), key, stream=on_tokens is not None,
+                                   **settings)
+            return DecodeResult(*jax.device_get(out))
+        finally:
+            if on_tokens is not None:
+                _stream_sink.pop()
 
 
-def generate(model: Transformer, tokenizer: TextTokenizer, prompts: Sequence[str], *,
-             max_new_tokens: int = 64, sampling: Sampling = Sampling(), seed: int = 0,
-             stop_tokens: Sequence[int] | None = None, max_length: int | None = None,
-             eod_token: str | None = None, document_mask: bool = False,
-             engram_tables: str = "device", loop: str | None = None,
-             on_text: Callable[[int, str], None] | None = None) -> list[Generation]:
-    """Continues each prompt.
+def decode_ids(model: Transformer, hasher: NgramHasher | None, prompts: list[list[int]], *,
+               engram_tables: str = "device", **settings) -> DecodeResult:
+    """One decode of token ids: `Decoder(model, hasher, engram_tables=...).decode(prompts,
+    **settings)`. Build a `Decoder` to decode repeatedly."""
+    return Decoder(model, hasher, engram_tables=engram_tables).decode(prompts, **settings)
+
+
+class Generator:
+    """Continues text prompts with one model and tokenizer. The hasher (the tokenizer's
+    compression) and the `Decoder` are built once, so repeated calls pay only for decoding;
+    like the `Decoder`, it holds the parameters as they are when it is built.
 
     Args:
       model: a trained `Transformer` (e.g. `load_trained(run_dir).model`).
       tokenizer: its tokenizer.
-      prompts: texts, each at least one token long.
-      max_new_tokens: tokens to generate at most per prompt.
-      sampling: greedy by default (`Sampling`).
-      seed: PRNG seed of the sampling.
-      stop_tokens: token ids that end a row; default the end-of-document token.
       max_length: the model's maximum length (prompt and new tokens), e.g. the training
         `data.seq_len`; None for no limit.
       eod_token: the training `data.eod_token` (None: the tokenizer's default).
@@ -308,59 +337,98 @@ def generate(model: Transformer, tokenizer: TextTokenizer, prompts: Sequence[str
         document ends); generation then stays within the prompt's document: a prompt may not
         contain the end-of-document token, which always stops a row.
       engram_tables: "device" or "host" (tables in host memory; the device holds none).
-      loop: "compiled" (one `lax.while_loop`, tables on the device) or "stepwise" (one step
-        per token, hashing on the host); default compiled for device tables, stepwise (the
-        only choice) for host tables.
-      on_text: called as on_text(row, new_text) as text is produced.
-
-    Returns:
-      One `Generation` per prompt.
 
     Raises:
-      GenerationError: an empty prompt, a prompt longer than `max_length`, bad settings.
+      GenerationError: an unknown `engram_tables`.
     """
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not prompts:
-        raise GenerationError("no prompts given")
-    eod_id = end_of_document_id(tokenizer, eod_token)
-    encoded = tokenizer.encode_batch(list(prompts))
-    for row, ids in enumerate(encoded):
-        if not ids:
-            raise GenerationError(f"prompt {row} is empty (it has no tokens)")
-        if max_length is not None and len(ids) >= max_length:
-            raise GenerationError(f"prompt {row} has {len(ids)} tokens; the model's maximum "
-                                  f"length is {max_length}, which leaves no room to generate")
-        if document_mask and eod_id in ids:
-            raise GenerationError(f"prompt {row} contains the end-of-document token "
-                                  f"{tokenizer.id_to_token(eod_id)!r}: a model trained with "
-                                  "data.document_mask continues one document")
-    stop = tuple(sorted(set(stop_tokens if stop_tokens is not None else [eod_id])
-                        | ({eod_id} if document_mask else set())))
-    longest = max(len(ids) for ids in encoded)
-    max_new = max_new_tokens if max_length is None else min(max_new_tokens,
-                                                            max_length - longest)
-    texts = [[] for _ in encoded]
-    emitted = [""] * len(encoded)
 
-    def on_tokens(tokens: np.ndarray, alive: np.ndarray) -> None:
-        for row in np.flatnonzero(alive):
-            texts[row].append(int(tokens[row]))
-            text = tokenizer.decode(texts[row])
-            if len(text) > len(emitted[row]) and not text.endswith("\ufffd"):
-                on_text(int(row), text[len(emitted[row]):])
-                emitted[row] = text
+    def __init__(self, model: Transformer, tokenizer: TextTokenizer, *,
+                 max_length: int | None = None, eod_token: str | None = None,
+                 document_mask: bool = False, engram_tables: str = "device"):
+        self.tokenizer, self.max_length, self.document_mask = tokenizer, max_length, document_mask
+        self.eod_id = end_of_document_id(tokenizer, eod_token)
+        hasher = engram_hasher(model.config.engram, tokenizer, self.eod_id, document_mask)
+        self.decoder = Decoder(model, hasher, engram_tables=engram_tables)
 
-    result = decode_ids(model, engram_hasher(model.config.engram, tokenizer, eod_id, document_mask),
-                        encoded, max_new=max_new, sampling=sampling, seed=seed,
-                        stop_tokens=stop, vocab_limit=len(tokenizer), max_length=max_length,
-                        engram_tables=engram_tables, loop=loop,
-                        on_tokens=on_tokens if on_text is not None else None)
-    results = []
-    for row in range(len(encoded)):
-        tokens = [int(t) for t in result.tokens[row, :result.counts[row]]]
-        results.append(Generation(tokens, tokenizer.decode(tokens),
-                                  "stop" if result.stopped[row] else "length"))
-        if on_text is not None and len(results[-1].text) > len(emitted[row]):
-            on_text(row, results[-1].text[len(emitted[row]):])  # held back: a partial character
-    return results
+    def __call__(self, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                 sampling: Sampling = Sampling(), seed: int = 0,
+                 stop_tokens: Sequence[int] | None = None, loop: str | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Generation]:
+        """Continues each prompt.
+
+        Args:
+          prompts: texts, each at least one token long.
+          max_new_tokens: tokens to generate at most per prompt.
+          sampling: greedy by default (`Sampling`).
+          seed: PRNG seed of the sampling.
+          stop_tokens: token ids that end a row; default the end-of-document token.
+          loop: "compiled" (one `lax.while_loop`, tables on the device) or "stepwise" (one
+            step per token, hashing on the host); default compiled for device tables,
+            stepwise (the only choice) for host tables.
+          on_text: called as on_text(row, new_text) as text is produced.
+
+        Returns:
+          One `Generation` per prompt.
+
+        Raises:
+          GenerationError: an empty prompt, a prompt longer than `max_length`, bad settings.
+        """
+        tokenizer, max_length, eod_id = self.tokenizer, self.max_length, self.eod_id
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts:
+            raise GenerationError("no prompts given")
+        encoded = tokenizer.encode_batch(list(prompts))
+        for row, ids in enumerate(encoded):
+            if not ids:
+                raise GenerationError(f"prompt {row} is empty (it has no tokens)")
+            if max_length is not None and len(ids) >= max_length:
+                raise GenerationError(f"prompt {row} has {len(ids)} tokens; the model's maximum "
+                                      f"length is {max_length}, which leaves no room to "
+                                      "generate")
+            if self.document_mask and eod_id in ids:
+                raise GenerationError(f"prompt {row} contains the end-of-document token "
+                                      f"{tokenizer.id_to_token(eod_id)!r}: a model trained with "
+                                      "data.document_mask continues one document")
+        stop = tuple(sorted(set(stop_tokens if stop_tokens is not None else [eod_id])
+                            | ({eod_id} if self.document_mask else set())))
+        longest = max(len(ids) for ids in encoded)
+        max_new = max_new_tokens if max_length is None else min(max_new_tokens,
+                                                                max_length - longest)
+        texts = [[] for _ in encoded]
+        emitted = [""] * len(encoded)
+
+        def on_tokens(tokens: np.ndarray, alive: np.ndarray) -> None:
+            for row in np.flatnonzero(alive):
+                texts[row].append(int(tokens[row]))
+                text = tokenizer.decode(texts[row])
+                if len(text) > len(emitted[row]) and not text.endswith("\ufffd"):
+                    on_text(int(row), text[len(emitted[row]):])
+                    emitted[row] = text
+
+        result = self.decoder.decode(encoded, max_new=max_new, sampling=sampling, seed=seed,
+                                     stop_tokens=stop, vocab_limit=len(tokenizer),
+                                     max_length=max_length, loop=loop,
+                                     on_tokens=on_tokens if on_text is not None else None)
+        results = []
+        for row in range(len(encoded)):
+            tokens = [int(t) for t in result.tokens[row, :result.counts[row]]]
+            results.append(Generation(tokens, tokenizer.decode(tokens),
+                                      "stop" if result.stopped[row] else "length"))
+            if on_text is not None and len(results[-1].text) > len(emitted[row]):
+                on_text(row, results[-1].text[len(emitted[row]):])  # held back: a partial char
+        return results
+
+
+def generate(model: Transformer, tokenizer: TextTokenizer, prompts: Sequence[str], *,
+             max_length: int | None = None, eod_token: str | None = None,
+             document_mask: bool = False, engram_tables: str = "device",
+             **settings) -> list[Generation]:
+    """Continues each prompt, once: `Generator(model, tokenizer, max_length=...,
+    eod_token=..., document_mask=..., engram_tables=...)(prompts, **settings)` (arguments as
+    `Generator` and `Generator.__call__`). Build a `Generator` to generate repeatedly: each
+    call of this one rebuilds the tokenizer's compression and, with host tables, copies the
+    tables to the host."""
+    generator = Generator(model, tokenizer, max_length=max_length, eod_token=eod_token,
+                          document_mask=document_mask, engram_tables=engram_tables)
+    return generator(prompts, **settings)

@@ -254,6 +254,18 @@ def _run_block(block: Block, x, positions, hash_ids, segment_ids):
     return constrain(block(x, positions, hash_ids, segment_ids), STREAMS_AXES)
 
 
+def _engram_term(module: Engram, hidden, memory, segment_ids):
+    """`Engram.term`, rematerialised: under the scanned body's switch every branch's residuals
+    are outputs of the switch (zeros from the branches not taken), so without it each block of
+    the run would write the Engram layer's (B, L, G, D) intermediates."""
+    graphdef, state = nnx.split(module)
+
+    def term(state, hidden, memory):
+        return nnx.merge(graphdef, state).term(hidden, memory, segment_ids)
+
+    return jax.checkpoint(term)(state, hidden, memory)
+
+
 def _run_stacked_block(block: Block, engrams: nnx.Dict | None, x, positions, memory,
                        segment_ids, slot):
     """One block of a stack (its Engram modules `engrams`): x (B, L, n, D) -> (x', float32
@@ -264,7 +276,7 @@ def _run_stacked_block(block: Block, engrams: nnx.Dict | None, x, positions, mem
     gates = {}
 
     def term(index, module, hidden, _):
-        y, gate = module.term(hidden, memory[index], segment_ids)
+        y, gate = _engram_term(module, hidden, memory[index], segment_ids)
         return y, jnp.mean(gate, axis=(0, 1))
 
     def engram(hidden):
