@@ -404,6 +404,7 @@ class DataConfig:
 
 
 SCHEDULES = ("cosine", "step", "constant")
+TABLE_OPTIMIZERS = ("adam", "sparse_adam")
 RESUME_POLICIES = ("auto", "allow", "must", "never")
 
 
@@ -417,6 +418,9 @@ class TrainConfig:
       grad_accum: micro-batches per step (batch_size must divide by it).
       learning_rate: peak learning rate of the backbone (AdamW).
       engram_lr_multiplier: Engram table rows use Adam at this multiple of it, no weight decay.
+      table_optimizer: the Engram tables' Adam: "adam" (dense: every row's moments and value
+        every step, from a table-sized gradient) or "sparse_adam" (lazy: only the rows the step
+        touched, from the gradient of the gathered rows; `engram_jax.train.sparse_adam`).
       warmup_steps: linear warm-up; then `schedule` ("cosine" to min_lr_ratio, "step": x0.1 at
         80% and 90% of the run, or "constant").
       weight_decay: AdamW decay of the backbone's matrices (not norms, biases or gates).
@@ -440,6 +444,7 @@ class TrainConfig:
     grad_accum: int = 1
     learning_rate: float = 3e-3
     engram_lr_multiplier: float = 5.0
+    table_optimizer: str = "adam"
     warmup_steps: int = 30
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
@@ -471,6 +476,8 @@ class TrainConfig:
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         check(self.clip_norm >= 0, "clip_norm", "must be >= 0 (0 disables)")
         check(self.resume in RESUME_POLICIES, "resume", f"must be one of {RESUME_POLICIES}")
+        check(self.table_optimizer in TABLE_OPTIMIZERS, "table_optimizer",
+              f"must be one of {TABLE_OPTIMIZERS}")
 
 
 @dataclasses.dataclass(frozen=True)

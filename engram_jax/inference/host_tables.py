@@ -12,11 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engram_jax.nn.model import Transformer
-
-
-def _is_table(path, _value) -> bool:
-    return "engram" in path and path[-1] == "table"
+from engram_jax.nn.model import Transformer, is_engram_table
 
 
 class HostTables:
@@ -49,5 +45,5 @@ def state_without_tables(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     emptied = [(path, value.replace(jnp.zeros((0,) + value.shape[1:], value.dtype))
-                if _is_table(path, value) else value) for path, value in flat]
+                if is_engram_table(path) else value) for path, value in flat]
     return graphdef, nnx.from_flat_state(emptied)

@@ -237,9 +237,14 @@ class Engram(nnx.Module):
         return gated.astype(self.dtype), gate
 
     def __call__(self, hidden: jax.Array, hash_ids: jax.Array,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None,
+                 rows: jax.Array | None = None) -> jax.Array:
+        """Y (B, L, G, D) of hidden states (B, L, G, D) and hash ids int32 (B, L, K); `rows`
+        (B, L, E), the ids' rows gathered by the caller (`embed`), stand in for the table (a
+        row-sparse optimiser differentiates with respect to them)."""
         self._check(hidden, hash_ids)
-        y, gate = self.term(hidden, self.embed(hash_ids), segment_ids)
+        memory = self.embed(hash_ids) if rows is None else rows.astype(self.dtype)
+        y, gate = self.term(hidden, memory, segment_ids)
         self.gate_mean[...] = jnp.mean(gate, axis=(0, 1))  # overwritten each call: no retrace
         return y
 

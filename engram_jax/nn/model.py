@@ -40,6 +40,7 @@ from engram_jax.sharding.mesh import constrain
 STREAMS_AXES = (BATCH, None, None, None)  # activations (B, L, n, D): split the batch only
 
 HashIds = Mapping[int, jax.Array]
+Rows = Mapping[int, jax.Array]  # layer -> (B, L, E) Engram rows gathered by the caller
 
 
 def engram_module(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> Engram | None:
@@ -99,14 +100,14 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, hash_ids: jax.Array | None = None,
                  segment_ids: jax.Array | None = None,
-                 engram: EngramTerm | None = None) -> jax.Array:
+                 engram: EngramTerm | None = None, rows: jax.Array | None = None) -> jax.Array:
         """x (B, L, n, D), positions int (B, L), hash ids int32 (B, L, K), segment ids int
         (B, L) or None (one document per row) -> (B, L, n, D). `engram` stands in for the
-        block's own Engram module."""
+        block's own Engram module; `rows` (B, L, E), gathered by the caller, for its table."""
         if engram is None and self.engram is not None:
             if hash_ids is None:
                 raise ValueError(f"layer {self.layer} has an Engram module but got no hash ids")
-            engram = lambda hidden: self.engram(hidden, hash_ids, segment_ids)  # noqa: E731
+            engram = lambda hidden: self.engram(hidden, hash_ids, segment_ids, rows)  # noqa: E731
         return self._run(x, engram, lambda u: self.attn(u, positions, segment_ids))
 
     def extend(self, x: jax.Array, positions: jax.Array, hash_ids: jax.Array | None,
@@ -250,8 +251,8 @@ def _rematerialised(run, config: ModelConfig):
     return nnx.remat(run, policy=getattr(jax.checkpoint_policies, policy))
 
 
-def _run_block(block: Block, x, positions, hash_ids, segment_ids):
-    return constrain(block(x, positions, hash_ids, segment_ids), STREAMS_AXES)
+def _run_block(block: Block, x, positions, hash_ids, segment_ids, rows):
+    return constrain(block(x, positions, hash_ids, segment_ids, rows=rows), STREAMS_AXES)
 
 
 def _engram_term(module: Engram, hidden, memory, segment_ids):
@@ -272,7 +273,7 @@ def _run_stacked_block(block: Block, engrams: nnx.Dict | None, x, positions, mem
     (branches,) gate means of its Engram layer, zeros without one, or None without Engram
     modules). memory: the looked-up rows (B, L, E), one per `BlockStack.engram_layers`."""
     if engrams is None:
-        return _run_block(block, x, positions, None, segment_ids), None
+        return _run_block(block, x, positions, None, segment_ids, None), None
     gates = {}
 
     def term(index, module, hidden, _):
@@ -289,16 +290,18 @@ def _run_stacked_block(block: Block, engrams: nnx.Dict | None, x, positions, mem
 
 
 def _run_stack(stack: BlockStack, x, positions, hash_ids, segment_ids, remat,
-               keep_states: bool):
+               keep_states: bool, rows):
     """Scans x through a stack; returns x after it and the states after each of its blocks
     stacked (count, B, L, n, D), or None without `keep_states`. Sets the gate means of the
     stack's Engram modules. The Engram rows are looked up before the scan (hash ids depend
-    only on tokens), so the scanned body holds no lookup and its collectives."""
+    only on tokens), so the scanned body holds no lookup and its collectives; `rows` (layer ->
+    (B, L, E)) are rows the caller gathered."""
     missing = [layer for layer in stack.engram_layers if layer not in hash_ids]
     if missing:
         raise ValueError(f"layers {missing} have Engram modules but got no hash ids")
-    memory = tuple(stack.engram[str(layer)].embed(hash_ids[layer])
-                   for layer in stack.engram_layers)
+    engrams = {layer: stack.engram[str(layer)] for layer in stack.engram_layers}
+    memory = tuple(rows[layer].astype(module.dtype) if layer in rows else
+                   module.embed(hash_ids[layer]) for layer, module in engrams.items())
 
     def step(block, engrams, x, slot):
         x, gate = remat(block, engrams, x, positions, memory, segment_ids, slot)
@@ -379,7 +382,8 @@ class Transformer(nnx.Module):
                      logical_param(scaled_normal(d), rngs.params(), (d, v), param_dtype,
                                    (EMBED, VOCAB)))
 
-    def _streams(self, tokens, hash_ids, positions, segment_ids, keep_states: bool):
+    def _streams(self, tokens, hash_ids, positions, segment_ids, keep_states: bool,
+                 rows: Rows | None = None):
         config = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (batch, length), got {tokens.shape}")
@@ -388,7 +392,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = (document_positions(segment_ids) if segment_ids is not None else
                          jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
-        hash_ids = dict(hash_ids or {})
+        hash_ids, rows = dict(hash_ids or {}), dict(rows or {})
         x = self.embed_tokens(tokens)
         run = _rematerialised(_run_block, config)
         run_stacked = _rematerialised(_run_stacked_block, config)
@@ -396,11 +400,12 @@ class Transformer(nnx.Module):
         for entry in self.blocks:
             if isinstance(entry, BlockStack):
                 x, stacked = _run_stack(entry, x, positions, hash_ids, segment_ids, run_stacked,
-                                        keep_states)
+                                        keep_states, rows)
                 if keep_states:
                     states.extend(stacked[i] for i in range(entry.count))
             else:
-                x = run(entry, x, positions, hash_ids.get(entry.layer), segment_ids)
+                x = run(entry, x, positions, hash_ids.get(entry.layer), segment_ids,
+                        rows.get(entry.layer))
                 states.append(x)
         return states if keep_states else x
 
@@ -412,17 +417,22 @@ class Transformer(nnx.Module):
 
     def merged_streams(self, tokens: jax.Array, hash_ids: HashIds | None = None,
                        positions: jax.Array | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
-        """The last block's streams merged into one: (B, L, D), the input of `head_logits`."""
+                       segment_ids: jax.Array | None = None,
+                       rows: Rows | None = None) -> jax.Array:
+        """The last block's streams merged into one: (B, L, D), the input of `head_logits`.
+        `rows` {layer: (B, L, E)}: Engram rows gathered by the caller (`Engram.embed`), which
+        stand in for those layers' tables."""
         return self.merge(self._streams(tokens, hash_ids, positions, segment_ids,
-                                        keep_states=False))
+                                        keep_states=False, rows=rows))
 
     def next_token_nll(self, tokens: jax.Array, hash_ids: HashIds | None = None,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+                       segment_ids: jax.Array | None = None,
+                       rows: Rows | None = None) -> jax.Array:
         """float32 (B, L) cross-entropy of each next token of int (B, L + 1) tokens (hash and
-        segment ids for the first L), the logits built `config.logits_chunk` positions at a
-        time (`nn.loss.chunked_cross_entropy`)."""
-        merged = self.merged_streams(tokens[:, :-1], hash_ids, segment_ids=segment_ids)
+        segment ids and Engram `rows` as `merged_streams`, for the first L), the logits built
+        `config.logits_chunk` positions at a time (`nn.loss.chunked_cross_entropy`)."""
+        merged = self.merged_streams(tokens[:, :-1], hash_ids, segment_ids=segment_ids,
+                                     rows=rows)
         return chunked_cross_entropy(self.head_logits, merged, tokens[:, 1:],
                                      self.config.logits_chunk)
 
@@ -529,6 +539,12 @@ class Transformer(nnx.Module):
             ffn = entry.layers.ffn if isinstance(entry, BlockStack) else entry.ffn
             if isinstance(ffn, MoE):
                 ffn.update_bias()
+
+
+def is_engram_table(path: tuple) -> bool:
+    """Whether an nnx state path (as `nnx.to_flat_state` and nnx filters give it) names an
+    Engram table, in either layout of the blocks."""
+    return "engram" in path and path[-1] == "table"
 
 
 def stack_blocks(config: ModelConfig, per_layer: Mapping) -> dict:

@@ -49,15 +49,26 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([ramp, after], [warmup])
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """clip -> {backbone: AdamW, no_decay: Adam, engram_table: Adam x engram_lr_multiplier}."""
+ADAM_EPS = 1e-8
+
+
+def table_learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """The Engram tables' schedule: `engram_lr_multiplier` x the backbone's."""
     schedule = learning_rate_schedule(config)
-    table_schedule = lambda step: config.engram_lr_multiplier * schedule(step)
-    adam = dict(b1=config.b1, b2=config.b2, eps=1e-8)
+    return lambda step: config.engram_lr_multiplier * schedule(step)
+
+
+def make_optimizer(config: TrainConfig, *, clip: bool = True) -> optax.GradientTransformation:
+    """clip -> {backbone: AdamW, no_decay: Adam, engram_table: Adam x engram_lr_multiplier};
+    without `clip` (the row-sparse table optimiser clips over all gradients itself) no
+    clipping."""
+    schedule = learning_rate_schedule(config)
+    adam = dict(b1=config.b1, b2=config.b2, eps=ADAM_EPS)
     transforms = {
         BACKBONE: optax.adamw(schedule, weight_decay=config.weight_decay, **adam),
         NO_DECAY: optax.adam(schedule, **adam),
-        ENGRAM_TABLE: optax.adam(table_schedule, **adam),
+        ENGRAM_TABLE: optax.adam(table_learning_rate_schedule(config), **adam),
     }
-    clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
-    return optax.chain(clip, optax.multi_transform(transforms, param_labels))
+    clipping = (optax.clip_by_global_norm(config.clip_norm) if clip and config.clip_norm
+                else optax.identity())
+    return optax.chain(clipping, optax.multi_transform(transforms, param_labels))

@@ -15,20 +15,28 @@ from flax import nnx
 
 from engram_jax.config.schema import Config
 from engram_jax.nn.model import Transformer
-from engram_jax.train.optimizer import make_optimizer
+from engram_jax.train.optimizer import ADAM_EPS, make_optimizer, table_learning_rate_schedule
+from engram_jax.train.sparse_adam import SparseTableOptimizer, dense_params
 
 
 def create_train_state(config: Config) -> tuple[Transformer, nnx.Optimizer]:
-    """The model (initialised from `train.seed`) and its optimiser; under `use_mesh` both are
+    """The model (initialised from `train.seed`) and its optimiser (a `SparseTableOptimizer`
+    with `train.table_optimizer: sparse_adam` and Engram layers); under `use_mesh` both are
     created sharded."""
-    model = Transformer(config.model, rngs=nnx.Rngs(config.train.seed))
-    return model, nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
+    train = config.train
+    model = Transformer(config.model, rngs=nnx.Rngs(train.seed))
+    if train.table_optimizer == "sparse_adam" and model.engram_modules():
+        return model, SparseTableOptimizer(
+            model, make_optimizer(train, clip=False), table_learning_rate_schedule(train),
+            b1=train.b1, b2=train.b2, eps=ADAM_EPS, clip_norm=train.clip_norm)
+    return model, nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
 
 
 def lm_loss(model: Transformer, tokens: jax.Array, hash_ids,
-            segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Mean next-token cross-entropy of (B, L + 1) tokens, and the Engram gate means."""
-    loss = model.next_token_nll(tokens, hash_ids, segment_ids).mean()
+            segment_ids: jax.Array | None = None, rows=None) -> tuple[jax.Array, dict]:
+    """Mean next-token cross-entropy of (B, L + 1) tokens, and the Engram gate means; `rows`
+    as `Transformer.next_token_nll`."""
+    loss = model.next_token_nll(tokens, hash_ids, segment_ids, rows).mean()
     gates = {str(layer): module.gate_mean[...]
              for layer, module in model.engram_modules().items()}
     return loss, gates
@@ -40,20 +48,34 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict,
     metrics (device scalars): loss, gradient norm, MoE load, Engram gates."""
     tokens, hash_ids = batch["tokens"], batch["hash_ids"]
     segment_ids = batch.get("segment_ids")
+    sparse = isinstance(optimizer, SparseTableOptimizer)
     micro = tokens.shape[0] // grad_accum
-    grads, losses, gates = None, [], []
+    grads, row_grads, losses, gates = None, [], [], []
     for i in range(grad_accum):  # unrolled: grad_accum is small
         part = slice(i * micro, (i + 1) * micro)
-        (loss, gate_means), g = nnx.value_and_grad(lm_loss, has_aux=True)(
-            model, tokens[part], {k: v[part] for k, v in hash_ids.items()},
-            None if segment_ids is None else segment_ids[part])
+        ids = {k: v[part] for k, v in hash_ids.items()}
+        segments = None if segment_ids is None else segment_ids[part]
+        if sparse:  # the rows' gradient, not the tables'
+            wrt = (nnx.DiffState(0, dense_params), 4)
+            (loss, gate_means), (g, g_rows) = nnx.value_and_grad(
+                lm_loss, argnums=wrt, has_aux=True)(
+                model, tokens[part], ids, segments, optimizer.gather_rows(model, ids))
+            row_grads.append(g_rows)
+        else:
+            (loss, gate_means), g = nnx.value_and_grad(lm_loss, has_aux=True)(
+                model, tokens[part], ids, segments)
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         losses.append(loss)
         gates.append(gate_means)
     if grad_accum > 1:
         grads = jax.tree.map(lambda g: g / grad_accum, grads)
-    grad_norm = optax.tree.norm(grads)
-    optimizer.update(model, grads)
+    if sparse:
+        rows = {layer: jnp.concatenate([g[layer] for g in row_grads]) / grad_accum
+                for layer in row_grads[0]}
+        grad_norm = optimizer.update(model, grads, hash_ids=hash_ids, row_grads=rows)
+    else:
+        grad_norm = optax.tree.norm(grads)
+        optimizer.update(model, grads)
     metrics = {"loss": jnp.mean(jnp.stack(losses)), "grad_norm": grad_norm}
     for layer, load in model.expert_loads().items():  # since the last bias update: this step
         metrics[f"moe_load_max_over_mean/{layer}"] = jnp.max(load) / jnp.maximum(jnp.mean(load),

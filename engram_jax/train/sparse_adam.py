@@ -1,0 +1,137 @@
+"""Row-sparse Adam for the Engram tables (`train.table_optimizer: sparse_adam`).
+
+A step touches B x L x K rows of a table, not the table. Here the loss is differentiated with
+respect to the gathered rows (`Transformer.next_token_nll(..., rows=...)`), never the table, so
+no table-sized gradient exists; the rows' gradients are summed per distinct row and only those
+rows update their moments and values (the lazy Adam of embedding systems):
+
+    for each row r the step touched, g_r = the sum of its gradients in the batch
+    m_r <- b1 m_r + (1 - b1) g_r;  v_r <- b2 v_r + (1 - b2) g_r^2
+    w_r <- w_r - lr_t (m_r / (1 - b1^t)) / (sqrt(v_r / (1 - b2^t)) + eps)
+
+with t the optimiser's step count. Dense Adam also decays the moments of the rows a step did not
+touch and keeps moving them by their remaining momentum; lazy Adam leaves them as they are. The
+first step is the same for both (untouched rows have zero moments then), later ones differ in
+the untouched rows only. Gradient clipping stays global: the rows' gradient sums enter the norm
+as the table's gradient would. docs/ARCHITECTURE.md, "Row-sparse table optimiser".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from engram_jax.nn.model import Transformer, is_engram_table
+
+
+def unique_row_sums(row_ids: jax.Array, grads: jax.Array,
+                    num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Sums the gradients of repeated rows.
+
+    Args:
+      row_ids: int32 (N,) table rows, repeats allowed.
+      grads: (N, D) their gradients.
+      num_rows: the table's rows.
+
+    Returns:
+      int32 (N,) the distinct rows, then `num_rows` (no row) as filler, and float32 (N, D) the
+      summed gradient of each (zeros for the filler).
+    """
+    unique, inverse = jnp.unique(row_ids, size=row_ids.shape[0], fill_value=num_rows,
+                                 return_inverse=True)
+    sums = jax.ops.segment_sum(grads.astype(jnp.float32), inverse.reshape(-1),
+                               num_segments=row_ids.shape[0])
+    return unique, sums
+
+
+def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array,
+                   grads: jax.Array, count: jax.Array, learning_rate: jax.Array, *, b1: float,
+                   b2: float, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One lazy Adam step on the distinct `rows` (int32 (N,), filler ids >= the table's rows
+    are ignored) with their summed gradients `grads` (N, D); `count` is the step number t >= 1.
+    Returns the table and its first and second moments (each (R, D)), other rows unchanged."""
+    m = b1 * mu.at[rows].get(mode="fill", fill_value=0) + (1 - b1) * grads
+    v = b2 * nu.at[rows].get(mode="fill", fill_value=0) + (1 - b2) * jnp.square(grads)
+    t = count.astype(jnp.int32)
+    direction = (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
+    values = table.at[rows].get(mode="fill", fill_value=0) + direction * -learning_rate
+    return (table.at[rows].set(values.astype(table.dtype), mode="drop"),
+            mu.at[rows].set(m, mode="drop"), nu.at[rows].set(v, mode="drop"))
+
+
+def dense_params(path, value) -> bool:
+    """The parameters the dense optimiser updates (an nnx filter): all but the Engram tables."""
+    return isinstance(value, nnx.Param) and not is_engram_table(path)
+
+
+class TableMoment(nnx.OptState):
+    """A row-sparse moment of an Engram table, shaped and sharded as the table."""
+
+
+class SparseTableOptimizer(nnx.Optimizer):
+    """`nnx.Optimizer` over every parameter but the Engram tables, plus lazy Adam moments of
+    the tables (`mu`, `nu`: layer -> (R, head_dim) float32, sharded as the tables), checkpointed
+    with the rest of the optimiser state.
+
+    Args:
+      model: the model.
+      tx: the dense parameters' transform (without clipping: `update` clips globally).
+      table_learning_rate: the tables' schedule, step -> learning rate.
+      b1, b2, eps: Adam's constants for the tables.
+      clip_norm: global gradient-norm clip over all gradients, tables included (0: none).
+    """
+
+    def __init__(self, model: Transformer, tx: optax.GradientTransformation,
+                 table_learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float,
+                 clip_norm: float):
+        super().__init__(model, tx, wrt=dense_params)
+        self.table_learning_rate, self.clip_norm = table_learning_rate, clip_norm
+        self.b1, self.b2, self.eps = b1, b2, eps
+
+        def zeros(engram):
+            metadata = engram.table.get_metadata()
+            return TableMoment(jnp.zeros(engram.table.shape, jnp.float32), **metadata)
+
+        engrams = model.engram_modules()
+        self.mu = nnx.Dict({str(layer): zeros(e) for layer, e in engrams.items()})
+        self.nu = nnx.Dict({str(layer): zeros(e) for layer, e in engrams.items()})
+
+    def gather_rows(self, model: Transformer, hash_ids: dict) -> dict[int, jax.Array]:
+        """layer -> (B, L, E) the rows of hash ids (B, L, K), in the tables' dtype: what the
+        loss is differentiated with respect to."""
+        return {layer: engram.embed(hash_ids[layer]).astype(engram.table.dtype)
+                for layer, engram in model.engram_modules().items()}
+
+    def update(self, model: Transformer, grads, /, *, hash_ids: dict[int, jax.Array],
+               row_grads: dict[int, jax.Array]) -> jax.Array:
+        """One step: `grads` of the dense parameters (`dense_params`), and per Engram layer
+        the hash ids (B, L, K) and the gradient (B, L, E) of the rows `gather_rows` gave for
+        them. Returns the global gradient norm before clipping."""
+        summed = {}
+        for layer, engram in model.engram_modules().items():
+            ids = hash_ids[layer] + jnp.asarray(engram.layout.offsets, jnp.int32)
+            head_dim = engram.table.shape[1]
+            summed[layer] = unique_row_sums(ids.reshape(-1),
+                                            row_grads[layer].reshape(-1, head_dim),
+                                            engram.table.shape[0])
+        squares = [optax.tree.norm(grads, squared=True)]
+        squares += [jnp.sum(jnp.square(sums)) for _, sums in summed.values()]
+        norm = jnp.sqrt(sum(squares))
+        if self.clip_norm:
+            clipped = lambda g: jax.lax.select(norm < self.clip_norm, g,
+                                               (g / norm.astype(g.dtype)) * self.clip_norm)
+            grads = jax.tree.map(clipped, grads)
+            summed = {layer: (rows, clipped(sums)) for layer, (rows, sums) in summed.items()}
+        learning_rate = self.table_learning_rate(self.step[...])
+        count = self.step[...] + 1
+        super().update(model, grads)
+        for layer, engram in model.engram_modules().items():
+            rows, sums = summed[layer]
+            key = str(layer)
+            table, mu, nu = lazy_adam_rows(engram.table[...], self.mu[key][...],
+                                           self.nu[key][...], rows, sums, count, learning_rate,
+                                           b1=self.b1, b2=self.b2, eps=self.eps)
+            engram.table[...], self.mu[key][...], self.nu[key][...] = table, mu, nu
+        return norm
