@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from engram_jax.nn.engram import lookup_embeddings
 from engram_jax.nn.model import Transformer, is_engram_table
+from engram_jax.sharding import table_shards
 
 
 def unique_row_sums(row_ids: jax.Array, grads: jax.Array,
@@ -59,6 +61,32 @@ def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Arr
     values = table.at[rows].get(mode="fill", fill_value=0) + direction * -learning_rate
     return (table.at[rows].set(values.astype(table.dtype), mode="drop"),
             mu.at[rows].set(m, mode="drop"), nu.at[rows].set(v, mode="drop"))
+
+
+def lazy_adam_masked(table: jax.Array, mu: jax.Array, nu: jax.Array, touched: jax.Array,
+                     grad: jax.Array, count: jax.Array, learning_rate: jax.Array, *, b1: float,
+                     b2: float, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`lazy_adam_rows` for a table-shaped gradient `grad` (R, D) and a bool (R,) mask of the
+    rows the step touched; the form for a table split over devices, where each holds its
+    shard's gradient (the lookup's transpose) and updates its own rows."""
+    keep = touched[:, None]
+    m = jnp.where(keep, b1 * mu + (1 - b1) * grad, mu)
+    v = jnp.where(keep, b2 * nu + (1 - b2) * jnp.square(grad), nu)
+    t = count.astype(jnp.int32)
+    direction = (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
+    values = jnp.where(keep, table + direction * -learning_rate, table)
+    return values.astype(table.dtype), m, v
+
+
+def _table_gradient(engram, hash_ids: jax.Array, row_grad: jax.Array) -> jax.Array:
+    """The table's gradient (R, head_dim) from its rows' (B, L, E): the transpose of the
+    layer's lookup, so on a mesh it is split by rows like the table (each device holds its
+    shard's)."""
+    offsets = jnp.asarray(engram.layout.offsets, jnp.int32)
+    table = engram.table[...]
+    _, pullback = jax.vjp(lambda t: lookup_embeddings(t, offsets, hash_ids, engram.config.lookup,
+                                                      engram.config.lookup_capacity), table)
+    return pullback(row_grad.astype(table.dtype))[0].astype(jnp.float32)
 
 
 def dense_params(path, value) -> bool:
@@ -109,29 +137,41 @@ class SparseTableOptimizer(nnx.Optimizer):
         """One step: `grads` of the dense parameters (`dense_params`), and per Engram layer
         the hash ids (B, L, K) and the gradient (B, L, E) of the rows `gather_rows` gave for
         them. Returns the global gradient norm before clipping."""
-        summed = {}
-        for layer, engram in model.engram_modules().items():
+        engrams = model.engram_modules()
+        # One device per table: the touched rows' summed gradients. A table split over devices:
+        # its shard's gradient on each, from the lookup's transpose, and a mask of the touched
+        # rows (the global batch's distinct ids, unique'd on every device, would be replicated).
+        by_rows = all(table_shards(e.table.shape[0]) == 1 for e in engrams.values())
+        table_grads, touched = {}, {}
+        for layer, engram in engrams.items():
             ids = hash_ids[layer] + jnp.asarray(engram.layout.offsets, jnp.int32)
-            head_dim = engram.table.shape[1]
-            summed[layer] = unique_row_sums(ids.reshape(-1),
-                                            row_grads[layer].reshape(-1, head_dim),
-                                            engram.table.shape[0])
+            rows = engram.table.shape[0]
+            if by_rows:
+                table_grads[layer] = unique_row_sums(
+                    ids.reshape(-1), row_grads[layer].reshape(-1, engram.table.shape[1]), rows)
+            else:
+                table_grads[layer] = _table_gradient(engram, hash_ids[layer], row_grads[layer])
+                touched[layer] = jnp.zeros((rows,), bool).at[ids.reshape(-1)].set(True)
         squares = [optax.tree.norm(grads, squared=True)]
-        squares += [jnp.sum(jnp.square(sums)) for _, sums in summed.values()]
+        squares += [jnp.sum(jnp.square(g[1] if by_rows else g)) for g in table_grads.values()]
         norm = jnp.sqrt(sum(squares))
+        clipped = lambda g: g
         if self.clip_norm:
             clipped = lambda g: jax.lax.select(norm < self.clip_norm, g,
                                                (g / norm.astype(g.dtype)) * self.clip_norm)
             grads = jax.tree.map(clipped, grads)
-            summed = {layer: (rows, clipped(sums)) for layer, (rows, sums) in summed.items()}
         learning_rate = self.table_learning_rate(self.step[...])
         count = self.step[...] + 1
         super().update(model, grads)
-        for layer, engram in model.engram_modules().items():
-            rows, sums = summed[layer]
+        hyper = dict(b1=self.b1, b2=self.b2, eps=self.eps)
+        for layer, engram in engrams.items():
             key = str(layer)
-            table, mu, nu = lazy_adam_rows(engram.table[...], self.mu[key][...],
-                                           self.nu[key][...], rows, sums, count, learning_rate,
-                                           b1=self.b1, b2=self.b2, eps=self.eps)
-            engram.table[...], self.mu[key][...], self.nu[key][...] = table, mu, nu
+            state = (engram.table[...], self.mu[key][...], self.nu[key][...])
+            if by_rows:
+                rows, sums = table_grads[layer]
+                state = lazy_adam_rows(*state, rows, clipped(sums), count, learning_rate, **hyper)
+            else:
+                state = lazy_adam_masked(*state, touched[layer], clipped(table_grads[layer]),
+                                         count, learning_rate, **hyper)
+            engram.table[...], self.mu[key][...], self.nu[key][...] = state
         return norm
