@@ -16,7 +16,8 @@ from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.data.hashing import NgramHasher
 from engram_jax.sharding import global_batch, make_mesh, shard_shapes, use_mesh
 from engram_jax.train.checkpoint import Checkpointer
-from engram_jax.train.sparse_adam import SparseTableOptimizer, lazy_adam_rows, unique_row_sums
+from engram_jax.train.sparse_adam import (SparseTableOptimizer, lazy_adam_masked, lazy_adam_rows,
+                                         unique_row_sums)
 from engram_jax.train.step import create_train_state, jitted_train_step, train_step
 import sharded_training
 
@@ -76,6 +77,23 @@ def test_lazy_adam_rows_follows_the_reference_and_leaves_other_rows():
     for got, want in zip(state, expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(state[0])[[1, 3, 4]], table[[1, 3, 4]])  # untouched
+
+
+def test_the_masked_form_equals_the_row_form():
+    """`lazy_adam_masked` (a table split over devices) on the scattered row sums gives what
+    `lazy_adam_rows` gives."""
+    rng = np.random.default_rng(2)
+    state = tuple(jnp.asarray(rng.normal(size=(8, 3)), jnp.float32) for _ in range(2))
+    state = (state[0], state[1], jnp.abs(state[1]))
+    ids = jnp.asarray([5, 1, 5, 7], jnp.int32)
+    rows, sums = unique_row_sums(ids, jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), 8)
+    dense = jnp.zeros((8, 3), jnp.float32).at[rows].add(sums, mode="drop")
+    touched = jnp.zeros((8,), bool).at[ids].set(True)
+    hyper = dict(b1=0.9, b2=0.95, eps=1e-8)
+    by_rows = lazy_adam_rows(*state, rows, sums, jnp.asarray(3), jnp.asarray(0.1), **hyper)
+    masked = lazy_adam_masked(*state, touched, dense, jnp.asarray(3), jnp.asarray(0.1), **hyper)
+    for a, b in zip(by_rows, masked):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("scan_layers, grad_accum", [(True, 1), (False, 2)])
