@@ -169,6 +169,12 @@ def test_a_generator_builds_its_tables_once_and_equals_generate(decode_run, monk
     results = [generator(PROMPTS, **kw), generator(PROMPTS, **kw)]
     assert len(copies) == 1  # built with the generator, not per call
     assert results[0] == results[1] == generate(model, tokenizer, PROMPTS, **kw)
+    # Another generator of the same model reuses the stepwise programs compiled for this one.
+    # (the same jitted functions, so their compiled programs are reused).
+    again = decode.Generator(model, tokenizer, engram_tables="host")
+    assert again(PROMPTS, **kw) == results[0]
+    assert again.decoder.step_programs.back is generator.decoder.step_programs.back
+    assert again.decoder.step_programs.front is generator.decoder.step_programs.front
     with pytest.raises(GenerationError, match="host tables decode stepwise"):
         generator(PROMPTS, loop="compiled")
 

@@ -140,10 +140,10 @@ def _prefill_step(graphdef, state, prompt, prompt_ids, lengths, rows, *, cache_l
 
 
 class StepPrograms:
-    """The stepwise loop's per-token programs for one model split as (graphdef, state): the
-    graph and the state's tree structure are bound once, and each call passes the state's
-    leaves (a static graph and an nnx State as arguments cost about 180 us a call to dispatch
-    on this CPU, twice per token).
+    """The stepwise loop's per-token programs for one model split as (graphdef, state): each
+    call passes the state's leaves, with the graph and the state's tree structure bound in the
+    program (a static graph and an nnx State as arguments cost about 180 us a call to dispatch
+    on this CPU, twice per token). Models of one graph share the compiled programs.
 
     `front(leaves, tokens (B,), cache) -> (x, blocks)` runs the entries `front` of
     `Transformer.blocks` on the new tokens; `back(leaves, x, blocks, cache, ids, rows, key,
@@ -154,27 +154,32 @@ class StepPrograms:
     def __init__(self, graphdef, state, front: range, back: range):
         self.graphdef, self.state = graphdef, state
         self.leaves, treedef = jax.tree.flatten(state)
-        merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        self.front, self.back = _step_programs(graphdef, treedef, front, back)
 
-        def front_blocks(leaves, tokens, cache):
-            model = merge(leaves)
-            added = jnp.ones(tokens.shape, jnp.int32)
-            return model.extend_blocks(model.embed_tokens(tokens[:, None]), None, cache, added,
-                                       entries=front)
 
-        def back_blocks(leaves, x, blocks, cache, ids, rows, key, step, *, sampling: Sampling,
-                        vocab_limit: int):
-            model = merge(leaves)
-            added = jnp.ones(x.shape[:1], jnp.int32)
-            x, blocks = model.extend_blocks(x, ids, {**cache, "blocks": blocks}, added, rows,
-                                            entries=back)
-            logits = model.head_logits(model.merge(x))[:, 0]
-            cache = {"lengths": cache["lengths"] + added, "blocks": blocks}
-            tokens = sample_tokens(logits, jax.random.fold_in(key, step), sampling, vocab_limit)
-            return tokens, cache
+@functools.lru_cache(maxsize=16)
+def _step_programs(graphdef, treedef, front: range, back: range):
+    merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
-        self.front = jax.jit(front_blocks)
-        self.back = jax.jit(back_blocks, static_argnames=("sampling", "vocab_limit"))
+    def front_blocks(leaves, tokens, cache):
+        model = merge(leaves)
+        added = jnp.ones(tokens.shape, jnp.int32)
+        return model.extend_blocks(model.embed_tokens(tokens[:, None]), None, cache, added,
+                                   entries=front)
+
+    def back_blocks(leaves, x, blocks, cache, ids, rows, key, step, *, sampling: Sampling,
+                    vocab_limit: int):
+        model = merge(leaves)
+        added = jnp.ones(x.shape[:1], jnp.int32)
+        x, blocks = model.extend_blocks(x, ids, {**cache, "blocks": blocks}, added, rows,
+                                        entries=back)
+        logits = model.head_logits(model.merge(x))[:, 0]
+        cache = {"lengths": cache["lengths"] + added, "blocks": blocks}
+        tokens = sample_tokens(logits, jax.random.fold_in(key, step), sampling, vocab_limit)
+        return tokens, cache
+
+    return (jax.jit(front_blocks),
+            jax.jit(back_blocks, static_argnames=("sampling", "vocab_limit")))
 
 
 @functools.partial(jax.jit, static_argnames=("sampling", "vocab_limit"))
