@@ -48,17 +48,25 @@ def unique_row_sums(row_ids: jax.Array, grads: jax.Array,
     return unique, sums
 
 
+def _adam(values, mu, nu, grads, count, learning_rate, *, b1, b2, eps):
+    """Adam's step on rows: (values, first and second moments) after gradients `grads`, with
+    bias correction at step `count` (t >= 1)."""
+    m = b1 * mu + (1 - b1) * grads
+    v = b2 * nu + (1 - b2) * jnp.square(grads)
+    t = count.astype(jnp.int32)
+    direction = (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
+    return values + direction * -learning_rate, m, v
+
+
 def lazy_adam_rows(table: jax.Array, mu: jax.Array, nu: jax.Array, rows: jax.Array,
                    grads: jax.Array, count: jax.Array, learning_rate: jax.Array, *, b1: float,
                    b2: float, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One lazy Adam step on the distinct `rows` (int32 (N,), filler ids >= the table's rows
     are ignored) with their summed gradients `grads` (N, D); `count` is the step number t >= 1.
     Returns the table and its first and second moments (each (R, D)), other rows unchanged."""
-    m = b1 * mu.at[rows].get(mode="fill", fill_value=0) + (1 - b1) * grads
-    v = b2 * nu.at[rows].get(mode="fill", fill_value=0) + (1 - b2) * jnp.square(grads)
-    t = count.astype(jnp.int32)
-    direction = (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
-    values = table.at[rows].get(mode="fill", fill_value=0) + direction * -learning_rate
+    take = lambda a: a.at[rows].get(mode="fill", fill_value=0)
+    values, m, v = _adam(take(table), take(mu), take(nu), grads, count, learning_rate,
+                         b1=b1, b2=b2, eps=eps)
     return (table.at[rows].set(values.astype(table.dtype), mode="drop"),
             mu.at[rows].set(m, mode="drop"), nu.at[rows].set(v, mode="drop"))
 
@@ -69,13 +77,10 @@ def lazy_adam_masked(table: jax.Array, mu: jax.Array, nu: jax.Array, touched: ja
     """`lazy_adam_rows` for a table-shaped gradient `grad` (R, D) and a bool (R,) mask of the
     rows the step touched; the form for a table split over devices, where each holds its
     shard's gradient (the lookup's transpose) and updates its own rows."""
+    values, m, v = _adam(table, mu, nu, grad, count, learning_rate, b1=b1, b2=b2, eps=eps)
     keep = touched[:, None]
-    m = jnp.where(keep, b1 * mu + (1 - b1) * grad, mu)
-    v = jnp.where(keep, b2 * nu + (1 - b2) * jnp.square(grad), nu)
-    t = count.astype(jnp.int32)
-    direction = (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
-    values = jnp.where(keep, table + direction * -learning_rate, table)
-    return values.astype(table.dtype), m, v
+    return (jnp.where(keep, values, table).astype(table.dtype), jnp.where(keep, m, mu),
+            jnp.where(keep, v, nu))
 
 
 def _table_gradient(engram, hash_ids: jax.Array, row_grad: jax.Array) -> jax.Array:
