@@ -82,6 +82,34 @@ def test_resume_after_sigkill_is_exact(corpus_dir, straight_run, tmp_path):
     assert [interrupted[s] for s in range(1, 25)] == [straight[s] for s in range(1, 25)]
 
 
+def test_host_tables_resume_exactly_after_sigkill_and_evaluate_as_trained(corpus_dir,
+                                                                          tmp_path):
+    """`engram.table_placement: host`: killed at a checkpoint and resumed, the same losses as a
+    straight run; its checkpoint (the host tables put on the device) evaluates to the run's own
+    final validation loss."""
+    host = ("train.table_optimizer=sparse_adam", "model.engram.table_placement=host")
+    straight = _run(corpus_dir, tmp_path / "straight", *host)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "Engram tables in host memory" in straight.stdout
+    killed = _run(corpus_dir, tmp_path / "killed", *host, fault="SIGKILL:12")
+    assert killed.returncode == -9
+    resumed = _run(corpus_dir, tmp_path / "killed", *host)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    straight_losses, interrupted = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+    assert [interrupted[s] for s in range(1, 25)] == [straight_losses[s] for s in range(1, 25)]
+    rows = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text()
+            .splitlines()]
+    final = [r["val_loss"] for r in rows if r.get("step") == 24 and "val_loss" in r][-1]
+    result = subprocess.run([sys.executable, "-m", "engram_jax.evaluate", "--checkpoint",
+                             str(tmp_path / "straight"), "--batches", "1"],
+                            capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["checkpoint_step"] == 24
+    np.testing.assert_allclose(row["val_loss"], final, rtol=1e-6)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus_dir, tmp_path):
     result = _run(corpus_dir, tmp_path, fault="SIGTERM:5")
     assert result.returncode == 0, result.stderr[-3000:]

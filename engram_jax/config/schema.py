@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 
 ENGRAM_FUSIONS = ("per_branch", "single")
 ENGRAM_LOOKUPS = ("all_to_all", "routed", "auto")
+TABLE_PLACEMENTS = ("device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,10 @@ class EngramConfig:
         "single" (the paper's ablation: one gate on the attention input after mHC's
         pre-mapping, the output added to that input only).
       short_conv: add the short convolution; False makes the output the gated value (an ablation).
+      table_placement: where the tables live in training: "device" (model parameters) or "host"
+        (numpy arrays in this process's memory, `engram_jax.train.host_tables`: rows gathered
+        on the host for each batch and shipped with it, updated there by lazy Adam; needs
+        `train.table_optimizer: sparse_adam`). The model then holds (0, head_dim) tables.
     """
 
     vocab_size_per_ngram: tuple[int, ...] = (129280 * 5, 129280 * 5)
@@ -74,6 +79,7 @@ class EngramConfig:
     gated: bool = True
     fusion: str = "per_branch"
     short_conv: bool = True
+    table_placement: str = "device"
 
     def __post_init__(self):
         object.__setattr__(self, "vocab_size_per_ngram", tuple(self.vocab_size_per_ngram))
@@ -107,6 +113,8 @@ class EngramConfig:
         _check(self.lookup_capacity > 0, "lookup_capacity", self.lookup_capacity, "must be > 0")
         _check(self.fusion in ENGRAM_FUSIONS, "fusion", self.fusion,
                f"must be one of {ENGRAM_FUSIONS}")
+        _check(self.table_placement in TABLE_PLACEMENTS, "table_placement", self.table_placement,
+               f"must be one of {TABLE_PLACEMENTS}")
 
     @property
     def num_heads(self) -> int:
@@ -493,3 +501,9 @@ class Config:
         _check(self.model.attention != "splash" or self.data.seq_len % 128 == 0, "attention",
                self.model.attention, f"needs data.seq_len a multiple of 128 (the splash "
                f"kernel's block), got {self.data.seq_len}", "model")
+        engram = self.model.engram
+        _check(engram is None or engram.table_placement != "host"
+               or self.train.table_optimizer == "sparse_adam", "table_placement",
+               getattr(engram, "table_placement", None), "host tables are trained by lazy Adam "
+               f"on the host: needs train.table_optimizer=sparse_adam, got "
+               f"{self.train.table_optimizer!r}", "model.engram")

@@ -20,12 +20,15 @@ class HostTables:
 
     Args:
       model: the model whose tables to copy to the host.
+      tables: layer -> (R, head_dim) arrays to hold instead (tables that live on the host in
+        training, `engram_jax.train.host_tables`); held as they are, not copied.
     """
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, tables: dict[int, np.ndarray] | None = None):
         self.tables, self.offsets = {}, {}
         for layer, engram in model.engram_modules().items():
-            self.tables[layer] = np.asarray(jax.device_get(engram.table[...]))
+            self.tables[layer] = (np.asarray(jax.device_get(engram.table[...])) if tables is None
+                                  else tables[layer])
             self.offsets[layer] = np.asarray(engram.layout.offsets, np.int64)
 
     @property

@@ -117,6 +117,17 @@ def short_conv(value: jax.Array, norm_scale: jax.Array, kernel: jax.Array,
                                              segment_ids))
 
 
+def init_table(key: jax.Array, shape: tuple[int, int],
+               dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
+    """A table's initial rows: standard normal (the reference's nn.Embedding init)."""
+    return jax.random.normal(key, shape, dtype)
+
+
+class TableKey(nnx.Variable):
+    """The raw key (`jax.random.key_data`) a host-resident table is drawn from
+    (`engram.table_placement: host`), so that it starts as the device table would."""
+
+
 class GateMean(nnx.Variable):
     """Mean gate per stream (G,) of the last call, for metrics; not a parameter."""
 
@@ -155,8 +166,12 @@ class Engram(nnx.Module):
                                                         out_axis=-1)
         zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
         table_shards(self.layout.padded_rows)  # under a mesh: the rows must split evenly
-        self.table = logical_param(nnx.initializers.normal(1.0), rngs.params(),
-                                   (self.layout.padded_rows, config.head_dim), param_dtype,
+        table_key = rngs.params()
+        rows = self.layout.padded_rows
+        if config.table_placement == "host":  # drawn on the host from the same key
+            self.table_key = TableKey(jax.random.key_data(table_key))
+            rows = 0
+        self.table = logical_param(init_table, table_key, (rows, config.head_dim), param_dtype,
                                    (ENGRAM_ROWS, ENGRAM_COLS))
         if config.gated:
             self.key_kernel = logical_param(linear_init, rngs.params(), (g, e, d), param_dtype,
@@ -187,6 +202,9 @@ class Engram(nnx.Module):
         if hash_ids.shape[-1] != heads:
             raise ValueError(f"hash ids have {hash_ids.shape[-1]} heads, layer {self.layer_id} "
                              f"has {heads}")
+        if self.config.table_placement == "host":
+            raise ValueError(f"layer {self.layer_id}'s table lives on the host "
+                             "(engram.table_placement: host): pass its rows, gathered there")
         offsets = jnp.asarray(self.layout.offsets, dtype=jnp.int32)
         return lookup_embeddings(self.table[...], offsets, hash_ids, self.config.lookup,
                                  self.config.lookup_capacity).astype(self.dtype)

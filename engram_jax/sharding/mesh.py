@@ -58,6 +58,11 @@ def check_layout(config: Config, num_devices: int, num_processes: int) -> None:
     if batch % num_processes:
         raise ConfigError(f"train.batch_size={batch}: must be divisible by the {num_processes} "
                           "processes")
+    engram = config.model.engram
+    if engram is not None and engram.table_placement == "host" and num_processes > 1:
+        raise ConfigError(f"model.engram.table_placement='host' runs in one process; here are "
+                          f"{num_processes} (splitting host tables by rows over processes is "
+                          "not built yet): use table_placement=device")
     if batch % shards:
         raise ConfigError(f"train.batch_size={batch}: must be divisible by the {shards} batch "
                           f"shards of the mesh ({split})")

@@ -2,7 +2,8 @@
 
 Each step's checkpoint holds four items: `model` and `optimizer` (pure-dict NNX states), `data`
 (the grain iterator's state, when given) and `meta` (JSON: the resolved config, the tokenizer,
-the step). The model can be restored without the optimiser (evaluation, analysis). Saves are
+the step), and a fifth with host-resident Engram tables: `host_tables` (the tables and their
+moments, `engram_jax.train.host_tables.HostTableOptimizer.state`). The model can be restored without the optimiser (evaluation, analysis). Saves are
 asynchronous and atomic (Orbax writes a temporary directory and renames it), the last `keep`
 are kept, and nothing is overwritten in place. Restoring walks back from the newest checkpoint:
 one that cannot be read is reported, renamed `<step>.unreadable` (kept, out of the way of the
@@ -29,8 +30,20 @@ class CheckpointMismatch(ConfigError):
     """A readable checkpoint holds parameters of other shapes than the model (not corrupt)."""
 
 
+def _without_empty(tree: dict) -> dict:
+    """`tree` without its arrays of no elements (the (0, head_dim) placeholders of host-resident
+    tables), which hold nothing and which Orbax does not write."""
+    kept = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            kept[key] = _without_empty(value)
+        elif getattr(value, "size", 1):
+            kept[key] = value
+    return kept
+
+
 def _pure_state(obj: nnx.Module | nnx.Optimizer) -> dict:
-    return nnx.to_pure_dict(nnx.state(obj))
+    return _without_empty(nnx.to_pure_dict(nnx.state(obj)))
 
 
 def _abstract(obj: nnx.Module | nnx.Optimizer) -> dict:
@@ -54,13 +67,16 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
-             data_iterator, meta: dict) -> None:
-        """Starts saving (returns before the write completes when asynchronous)."""
+             data_iterator, meta: dict, host_tables=None) -> None:
+        """Starts saving (returns before the write completes when asynchronous); `host_tables`
+        a `HostTableOptimizer` or None."""
         items = dict(model=ocp.args.StandardSave(_pure_state(model)),
                      optimizer=ocp.args.StandardSave(_pure_state(optimizer)),
                      meta=ocp.args.JsonSave(meta))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if host_tables is not None:
+            items["host_tables"] = ocp.args.StandardSave(host_tables.state())
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def wait(self) -> None:
@@ -85,15 +101,17 @@ class Checkpointer:
         return None
 
     def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
-                data_iterator=None, set_aside: bool = False) -> tuple[int, dict] | None:
+                data_iterator=None, set_aside: bool = False,
+                host_tables=None) -> tuple[int, dict] | None:
         """Restores the newest readable checkpoint into the objects given (the model always; the
-        optimiser and the data iterator when given); (step, meta) or None. With `set_aside`, the
-        unreadable checkpoints newer than it are renamed `<step>.unreadable`, so that training
-        can save those steps again."""
+        optimiser, the data iterator and the `HostTableOptimizer` when given); (step, meta) or
+        None. With `set_aside`, the unreadable checkpoints newer than it are renamed
+        `<step>.unreadable`, so that training can save those steps again."""
         unreadable = []
         for step in reversed(self.steps()):
             try:
-                restored = step, self._restore(step, model, optimizer, data_iterator)
+                restored = step, self._restore(step, model, optimizer, data_iterator,
+                                               host_tables)
             except CheckpointMismatch:
                 raise
             except Exception as err:  # a partial or corrupt checkpoint: fall back
@@ -147,7 +165,7 @@ class Checkpointer:
                 f"this model ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): "
                 f"{cause}; it is left as it is")
 
-    def _restore(self, step: int, model, optimizer, data_iterator) -> dict:
+    def _restore(self, step: int, model, optimizer, data_iterator, host_tables) -> dict:
         self.check_shapes(step, model)
         items = dict(model=ocp.args.StandardRestore(_abstract(model)),
                      meta=ocp.args.JsonRestore())
@@ -155,10 +173,14 @@ class Checkpointer:
             items["optimizer"] = ocp.args.StandardRestore(_abstract(optimizer))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if host_tables is not None:
+            items["host_tables"] = ocp.args.StandardRestore(host_tables.restore_target())
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         _load_into(model, restored.model)
         if optimizer is not None:
             _load_into(optimizer, restored.optimizer)
+        if host_tables is not None:
+            host_tables.load_state(restored.host_tables)
         return dict(restored.meta)
 
     def close(self) -> None:

@@ -20,17 +20,21 @@ def to_device(batch: dict, mesh: Mesh | None) -> dict:
 
 
 def evaluate(model: nnx.Module, batches, mesh: Mesh | None, count: int,
-             byte_lengths: np.ndarray) -> dict:
+             byte_lengths: np.ndarray, host_tables=None) -> dict:
     """Validation loss, perplexity and bits per byte over the first `count` of `batches`.
 
     Bits per byte divide the sample's summed loss by the sample's own text bytes
-    (`byte_lengths`: int (V,) bytes per token, `TextTokenizer.token_byte_lengths`)."""
+    (`byte_lengths`: int (V,) bytes per token, `TextTokenizer.token_byte_lengths`). With
+    host-resident tables, `host_tables` (a `HostTableOptimizer`) gives each batch's rows."""
     graphdef, state = nnx.split(model)
     lengths = jnp.asarray(byte_lengths, jnp.int32)
     total, tokens, text_bytes = 0.0, 0.0, 0
     iterator = iter(batches)
     for _ in range(count):
-        nll, n, b = eval_sums(graphdef, state, to_device(next(iterator), mesh), lengths)
+        batch = next(iterator)
+        if host_tables is not None:
+            batch = {**batch, "rows": host_tables.gather(batch["hash_ids"])}
+        nll, n, b = eval_sums(graphdef, state, to_device(batch, mesh), lengths)
         total, tokens, text_bytes = total + float(nll), tokens + float(n), text_bytes + int(b)
     loss = total / tokens
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),

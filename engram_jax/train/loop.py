@@ -26,6 +26,7 @@ from engram_jax.data.pipeline import make_hasher, training_batches, unigram_cros
 from engram_jax.data.prepare import PreparedData, data_fingerprint, prepare_data
 from engram_jax.sharding.mesh import check_layout, default_mesh, use_mesh
 from engram_jax.train.evaluation import evaluate, to_device
+from engram_jax.train.host_tables import HostRowFeed, HostTableOptimizer, host_placement
 from engram_jax.train.metrics import (MetricsWriter, RowUsage, TrainLogger, device_peak_flops,
                                       plot_run)
 from engram_jax.train.optimizer import learning_rate_schedule
@@ -95,6 +96,10 @@ def train(config: Config, progress: bool = True) -> dict:
     iterator = iter(train_batches)
     with use_mesh(config.sharding, mesh):
         model, optimizer = create_train_state(config)
+    tables = HostTableOptimizer(model, cfg) if host_placement(config.model) else None
+    if tables is not None:
+        iterator = HostRowFeed(iterator, tables)
+        say(f"Engram tables in host memory: {tables.nbytes / 2**20:,.1f} MiB with their moments")
     counts = count_parameters(config.model, seq_len=config.data.seq_len)
     say(f"model: {counts.total:,} parameters ({counts.active:,} active, "
         f"{counts.engram_tables:,} in Engram tables, {counts.embedding:,} embedding and head); "
@@ -103,7 +108,8 @@ def train(config: Config, progress: bool = True) -> dict:
     say(f"unigram baseline: validation loss {unigram:.3f} nats/token")
 
     checkpointer = run.checkpointer(keep=cfg.keep_checkpoints)
-    restored = checkpointer.restore(model, optimizer, iterator, set_aside=True) if resume else None
+    restored = (checkpointer.restore(model, optimizer, iterator, set_aside=True,
+                                     host_tables=tables) if resume else None)
     if resume and restored is None:
         checkpointer.close()
         raise ResumeError(f"no checkpoint in {checkpointer.directory} could be restored (see the "
@@ -128,8 +134,12 @@ def train(config: Config, progress: bool = True) -> dict:
         for step in range(start + 1, cfg.steps + 1):
             batch = next(iterator)
             usage.add(batch["hash_ids"])
-            logger.add(step, jitted_train_step(model, optimizer, to_device(batch, mesh),
-                                               cfg.grad_accum))
+            metrics = jitted_train_step(model, optimizer, to_device(batch, mesh), cfg.grad_accum)
+            if tables is not None:  # the next batch's rows are read while the device computes
+                table_step = metrics.pop("host_table_step")
+                iterator.read_ahead()
+                iterator.patch(tables.apply(table_step))
+            logger.add(step, metrics)
             bar.update(1)
             last = step == cfg.steps
             if step % cfg.log_every == 0 or last:
@@ -137,7 +147,8 @@ def train(config: Config, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % cfg.eval_every == 0 or last:
                 logger.flush(step)
-                result = evaluate(model, validation_batches, mesh, cfg.eval_batches, byte_lengths)
+                result = evaluate(model, validation_batches, mesh, cfg.eval_batches, byte_lengths,
+                                  tables)
                 writer.write(step, result)
                 final = {**logger.last, **result}
                 bar.write(f"step {step}: validation loss {result['val_loss']:.4f} "
@@ -147,7 +158,7 @@ def train(config: Config, progress: bool = True) -> dict:
             if step % cfg.checkpoint_every == 0 or last or stop:
                 logger.flush(step)
                 checkpointer.save(step, model, optimizer, iterator,
-                                  checkpoint_meta(config, **meta, step=step))
+                                  checkpoint_meta(config, **meta, step=step), tables)
             if stop:
                 checkpointer.wait()
                 signals.inject(step)

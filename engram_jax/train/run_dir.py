@@ -40,6 +40,7 @@ from engram_jax.data.tokenizer import TextTokenizer, load_tokenizer
 from engram_jax.nn.model import Transformer
 from engram_jax.sharding.mesh import default_mesh, use_mesh
 from engram_jax.train.checkpoint import Checkpointer
+from engram_jax.train.host_tables import HostTableOptimizer, host_placement, with_device_tables
 
 
 class RunDir:
@@ -269,7 +270,9 @@ class TrainedModel:
 
 def load_trained(path: str | pathlib.Path, data_overrides: list[str] = ()) -> TrainedModel:
     """The model of the newest readable checkpoint of a run (a run directory or its
-    `checkpoints/`), with its config (`data.*` overrides applied) and tokenizer.
+    `checkpoints/`), with its config (`data.*` overrides applied) and tokenizer. A run trained
+    with host-resident tables gives a model that holds them (`engram.table_placement: device`
+    in `model.config`); decoding can move them back to the host (`engram_tables="host"`).
 
     Raises:
       FileNotFoundError: no such directory, it holds no checkpoint, or no tokenizer (neither in
@@ -296,9 +299,12 @@ def load_trained(path: str | pathlib.Path, data_overrides: list[str] = ()) -> Tr
                                     "exist: copy the tokenizer the run was trained with there")
         with use_mesh(config.sharding, default_mesh(config.sharding)):
             model = Transformer(config.model, rngs=nnx.Rngs(0))
-        restored = checkpointer.restore(model)
+        tables = HostTableOptimizer(model, config.train) if host_placement(config.model) else None
+        restored = checkpointer.restore(model, host_tables=tables)
         if restored is None:
             raise RuntimeError(f"no checkpoint in {run.checkpoints} could be read")
     finally:
         checkpointer.close()
+    if tables is not None:
+        model = with_device_tables(model, tables.tables)
     return TrainedModel(model, config, tokenizer, restored[0], run)

@@ -106,7 +106,9 @@ class TableMoment(nnx.OptState):
 class SparseTableOptimizer(nnx.Optimizer):
     """`nnx.Optimizer` over every parameter but the Engram tables, plus lazy Adam moments of
     the tables (`mu`, `nu`: layer -> (R, head_dim) float32, sharded as the tables), checkpointed
-    with the rest of the optimiser state.
+    with the rest of the optimiser state. With host-resident tables (`engram.table_placement:
+    host`) the moments live with the tables on the host (`engram_jax.train.host_tables`) and
+    `update` returns the rows' step instead of taking it.
 
     Args:
       model: the model.
@@ -128,8 +130,10 @@ class SparseTableOptimizer(nnx.Optimizer):
             return TableMoment(jnp.zeros(engram.table.shape, jnp.float32), **metadata)
 
         engrams = model.engram_modules()
-        self.mu = nnx.Dict({str(layer): zeros(e) for layer, e in engrams.items()})
-        self.nu = nnx.Dict({str(layer): zeros(e) for layer, e in engrams.items()})
+        self.on_host = model.config.engram.table_placement == "host"
+        on_device = {} if self.on_host else engrams
+        self.mu = nnx.Dict({str(layer): zeros(e) for layer, e in on_device.items()})
+        self.nu = nnx.Dict({str(layer): zeros(e) for layer, e in on_device.items()})
 
     def gather_rows(self, model: Transformer, hash_ids: dict) -> dict[int, jax.Array]:
         """layer -> (B, L, E) the rows of hash ids (B, L, K), in the tables' dtype: what the
@@ -138,19 +142,28 @@ class SparseTableOptimizer(nnx.Optimizer):
                 for layer, engram in model.engram_modules().items()}
 
     def update(self, model: Transformer, grads, /, *, hash_ids: dict[int, jax.Array],
-               row_grads: dict[int, jax.Array]) -> jax.Array:
+               row_grads: dict[int, jax.Array]) -> tuple[jax.Array, dict]:
         """One step: `grads` of the dense parameters (`dense_params`), and per Engram layer
-        the hash ids (B, L, K) and the gradient (B, L, E) of the rows `gather_rows` gave for
-        them. Returns the global gradient norm before clipping."""
+        the hash ids (B, L, K) and the gradient (B, L, E) of the rows `gather_rows` (or the
+        host) gave for them.
+
+        Returns:
+          The global gradient norm before clipping, and for host tables their step (else {}):
+          {"learning_rate": f32, "count": the step number t, "rows": {layer: int32 (N,) the
+          distinct rows, padded with the table's row count}, "grads": {layer: (N, head_dim)
+          their clipped summed gradients}}, N = B x L x K.
+        """
         engrams = model.engram_modules()
-        # One device per table: the touched rows' summed gradients. A table split over devices:
-        # its shard's gradient on each, from the lookup's transpose, and a mask of the touched
-        # rows (the global batch's distinct ids, unique'd on every device, would be replicated).
-        by_rows = all(table_shards(e.table.shape[0]) == 1 for e in engrams.values())
+        # One device per table (or tables on the host): the touched rows' summed gradients. A
+        # table split over devices: its shard's gradient on each, from the lookup's transpose,
+        # and a mask of the touched rows (the global batch's distinct ids, unique'd on every
+        # device, would be replicated).
+        by_rows = self.on_host or all(table_shards(e.table.shape[0]) == 1
+                                      for e in engrams.values())
         table_grads, touched = {}, {}
         for layer, engram in engrams.items():
             ids = hash_ids[layer] + jnp.asarray(engram.layout.offsets, jnp.int32)
-            rows = engram.table.shape[0]
+            rows = engram.layout.padded_rows
             if by_rows:
                 table_grads[layer] = unique_row_sums(
                     ids.reshape(-1), row_grads[layer].reshape(-1, engram.table.shape[1]), rows)
@@ -168,6 +181,10 @@ class SparseTableOptimizer(nnx.Optimizer):
         learning_rate = self.table_learning_rate(self.step[...])
         count = self.step[...] + 1
         super().update(model, grads)
+        if self.on_host:
+            return norm, {"learning_rate": learning_rate, "count": count,
+                          "rows": {str(k): rows for k, (rows, _) in table_grads.items()},
+                          "grads": {str(k): clipped(sums) for k, (_, sums) in table_grads.items()}}
         hyper = dict(b1=self.b1, b2=self.b2, eps=self.eps)
         for layer, engram in engrams.items():
             key = str(layer)
@@ -179,4 +196,4 @@ class SparseTableOptimizer(nnx.Optimizer):
                 state = lazy_adam_masked(*state, touched[layer], clipped(table_grads[layer]),
                                          count, learning_rate, **hyper)
             engram.table[...], self.mu[key][...], self.nu[key][...] = state
-        return norm
+        return norm, {}

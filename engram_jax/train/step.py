@@ -45,7 +45,9 @@ def lm_loss(model: Transformer, tokens: jax.Array, hash_ids,
 def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict,
                grad_accum: int) -> dict:
     """One optimiser step on `batch` split into `grad_accum` micro-batches; returns the step's
-    metrics (device scalars): loss, gradient norm, MoE load, Engram gates."""
+    metrics (device scalars): loss, gradient norm, MoE load, Engram gates. With host-resident
+    tables the batch carries their rows ("rows": {layer: (B, L, E)}) and the metrics their
+    step ("host_table_step", `SparseTableOptimizer.update`), which the host applies."""
     tokens, hash_ids = batch["tokens"], batch["hash_ids"]
     segment_ids = batch.get("segment_ids")
     sparse = isinstance(optimizer, SparseTableOptimizer)
@@ -59,7 +61,9 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict,
             wrt = (nnx.DiffState(0, dense_params), 4)
             (loss, gate_means), (g, g_rows) = nnx.value_and_grad(
                 lm_loss, argnums=wrt, has_aux=True)(
-                model, tokens[part], ids, segments, optimizer.gather_rows(model, ids))
+                model, tokens[part], ids, segments,
+                {k: v[part] for k, v in batch["rows"].items()} if "rows" in batch
+                else optimizer.gather_rows(model, ids))
             row_grads.append(g_rows)
         else:
             (loss, gate_means), g = nnx.value_and_grad(lm_loss, has_aux=True)(
@@ -72,11 +76,13 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict,
     if sparse:
         rows = {layer: jnp.concatenate([g[layer] for g in row_grads]) / grad_accum
                 for layer in row_grads[0]}
-        grad_norm = optimizer.update(model, grads, hash_ids=hash_ids, row_grads=rows)
+        grad_norm, table_step = optimizer.update(model, grads, hash_ids=hash_ids, row_grads=rows)
     else:
         grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
     metrics = {"loss": jnp.mean(jnp.stack(losses)), "grad_norm": grad_norm}
+    if sparse and table_step:
+        metrics["host_table_step"] = table_step
     for layer, load in model.expert_loads().items():  # since the last bias update: this step
         metrics[f"moe_load_max_over_mean/{layer}"] = jnp.max(load) / jnp.maximum(jnp.mean(load),
                                                                                1.0)
@@ -99,6 +105,7 @@ def eval_sums(graphdef, state, batch, byte_lengths) -> tuple[jax.Array, jax.Arra
     gives each token's bytes. The model's state is left untouched."""
     model = nnx.merge(graphdef, state)
     tokens = batch["tokens"]
-    nll = model.next_token_nll(tokens, batch["hash_ids"], batch.get("segment_ids"))
+    nll = model.next_token_nll(tokens, batch["hash_ids"], batch.get("segment_ids"),
+                               batch.get("rows"))
     return (jnp.sum(nll), jnp.asarray(nll.size, jnp.float32),
             jnp.sum(byte_lengths[tokens[:, 1:]]))
