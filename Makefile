@@ -22,9 +22,10 @@ $(LIBTPU): $(STAMP) requirements-tpu-compile.txt
 
 libtpu: $(LIBTPU)
 
-# Test files run in parallel, one file per worker (its module fixtures are built once).
+# Test files run in parallel, one file per worker (its module fixtures are built once); a
+# worker that crashes ends the run (a replaced one can leave xdist waiting).
 test: $(STAMP) $(LIBTPU)
-	$(VPY) -m pytest -q -n auto --dist loadfile tests
+	$(VPY) -m pytest -q -n auto --dist loadfile --max-worker-restart=0 tests
 
 train: $(STAMP)
 	$(VPY) train.py --config configs/small.yaml

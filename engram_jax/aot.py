@@ -18,7 +18,9 @@ LM head and loss, computed `model.logits_chunk` positions at a time: one chunk) 
 nothing for the splash-attention kernel, which declares no cost (`splash_calls` counts its
 compiled kernels); so `flops_ratio` compares them with `analytic_counted_flops_per_chip`, the
 analytic count of what the compiler counts (`compiler_counted_flops_per_token`), while
-`analytic_flops_per_chip` is the whole step's.
+`analytic_flops_per_chip` is the whole step's. With `model.engram.table_placement=host` the
+batch also carries the Engram rows and the chips hold no table; `host_tables_gib` is the host
+memory the tables and their moments take.
 
 Exit codes: 0 fits, 1 does not fit (the compiler's sizes on stderr), 2 bad input (config,
 topology, mesh) or no libtpu. libtpu: the first of an importable `libtpu` package,
@@ -54,6 +56,7 @@ from engram_jax.sharding import hlo
 from engram_jax.sharding.axes import BATCH_AXES
 from engram_jax.sharding.mesh import check_layout, make_mesh, use_mesh
 from engram_jax.table_layout import table_layout
+from engram_jax.train.host_tables import host_placement
 from engram_jax.train.step import create_train_state, jitted_train_step
 
 GIB = 1024**3
@@ -163,16 +166,21 @@ def abstract_train_state(config: Config, mesh):
 
 def abstract_batch(config: Config, mesh) -> dict:
     """ShapeDtypeStructs of a global batch: tokens (B, L + 1), each Engram layer's hash ids
-    (B, L, K) and, with `data.document_mask`, segment ids (B, L), split over the batch axes."""
+    (B, L, K), with host-resident tables their rows (B, L, E) and, with `data.document_mask`,
+    segment ids (B, L), split over the batch axes."""
     batch, length = config.train.batch_size, config.data.seq_len
     sharding = NamedSharding(mesh, P(BATCH_AXES))
-    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sharding)
-    hash_ids = {}
-    if config.model.engram is not None:
-        layout = table_layout(config.model.engram)
+    shape = lambda *s, dtype=jnp.int32: jax.ShapeDtypeStruct(s, dtype, sharding=sharding)
+    hash_ids, engram = {}, config.model.engram
+    if engram is not None:
+        layout = table_layout(engram)
         hash_ids = {table.layer_id: shape(batch, length, len(table.head_sizes))
                     for table in layout.layers}
     out = {"tokens": shape(batch, length + 1), "hash_ids": hash_ids}
+    if host_placement(config.model):
+        out["rows"] = {layer: shape(batch, length, engram.embed_dim,
+                                    dtype=jnp.dtype(config.model.param_dtype))
+                       for layer in hash_ids}
     if config.data.document_mask:
         out["segment_ids"] = shape(batch, length)
     return out
@@ -236,6 +244,9 @@ def compile_train_step(config: Config, devices: list) -> dict:
                        for line in text.splitlines())
     counts = count_parameters(config.model, seq_len=config.data.seq_len)
     per_token = compiler_counted_flops_per_token(config.model, counts, bool(splash_calls))
+    # Host-resident tables: the tables and their two float32 moments in host memory.
+    table_bytes = ((counts.engram_tables + counts.engram_table_padding)
+                   * (jnp.dtype(config.model.param_dtype).itemsize + 8))
     analytic = counts.flops_per_token * tokens_per_chip * remat
     basis = per_token * tokens_per_chip * remat
     return {
@@ -251,6 +262,8 @@ def compile_train_step(config: Config, devices: list) -> dict:
         "flops_ratio": round(float(cost["flops"]) / basis, 4),
         "collective_bytes_per_chip": {kind: int(b) for kind, b in traffic.items() if b},
         "involuntary_remat": sum(INVOLUNTARY_REMAT in line for line in warnings),
+        "table_placement": config.model.engram.table_placement if config.model.engram else None,
+        "host_tables_gib": round(table_bytes / GIB, 3) if host_placement(config.model) else 0.0,
     }
 
 

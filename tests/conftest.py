@@ -1,5 +1,5 @@
 """Test set-up: 8 fake CPU devices, made before jax is first imported; a compilation cache
-shared by this session's processes; a small text corpus."""
+shared by this session's subprocesses; a small text corpus."""
 
 import atexit
 import os
@@ -20,8 +20,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# The cache is for the subprocesses: the test processes themselves neither read nor write it.
+# Serialising an executable into it crashed a test worker (jax 0.10.2, after other test files
+# had run in that process), and xdist then waited for the lost worker until CI timed out.
+jax.config.update("jax_enable_compilation_cache", False)
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog.",
              "a journey of a thousand miles begins with a single step.",

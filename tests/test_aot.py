@@ -6,6 +6,8 @@ import json
 import pytest
 
 from engram_jax import aot
+from engram_jax.config import load_config
+from engram_jax.table_layout import table_layout
 
 TINY = ["--config", "tiny", "--topology", "v5p:2x2x1"]
 # The paper's Engram-27B at full width, cut to four blocks (block 0 dense; blocks 1-3 MoE with 55
@@ -59,6 +61,27 @@ def test_paper_blocks_do_no_redundant_work(capsys):
     # basis counts blocks 1-3 as block 1 (leaving out attention alone would give about 0.94).
     assert result["analytic_counted_flops_per_chip"] < 0.9 * result["analytic_flops_per_chip"]
     assert 0.7 <= result["flops_ratio"] <= 1.15, result
+
+
+def test_host_tables_leave_the_chips_and_are_counted_on_the_host(capsys):
+    """tiny with heads of about 2^20 rows, sparse Adam: with the tables on the host the chips
+    hold neither them nor their moments (3 x 128 MiB over 4 chips), only the rows."""
+    sizes = "model.engram.vocab_size_per_ngram=[1048576,1048576]"
+    common = TINY + ["--mesh", "fsdp=4", "train.table_optimizer=sparse_adam", sizes]
+    engram = load_config("tiny", [sizes]).model.engram
+    rows = sum(layer.padded_rows for layer in table_layout(engram).layers)
+    results = {}
+    for placement in ("device", "host"):
+        code, results[placement], err = _run(
+            common + [f"model.engram.table_placement={placement}"], capsys)
+        assert code == 0, err
+    device, host = results["device"], results["host"]
+    assert host["table_placement"] == "host" and device["host_tables_gib"] == 0
+    tables_and_moments = 3 * rows * engram.head_dim * 4 / 2**30  # float32, 3 copies
+    assert host["host_tables_gib"] == pytest.approx(tables_and_moments, rel=0.01)
+    saved = device["argument_gib"] - host["argument_gib"]
+    assert saved == pytest.approx(tables_and_moments / 4, rel=0.05)
+    assert host["total_gib"] < device["total_gib"] - 0.9 * tables_and_moments / 4
 
 
 def test_splash_attention_with_packed_documents_compiles(capsys):

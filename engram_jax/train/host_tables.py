@@ -6,8 +6,8 @@ rows each batch carries. Per step (docs/ARCHITECTURE.md, "Host-resident tables")
 1. `HostRowFeed` hands the loop a batch with "rows": {layer: (B, L, E)}, gathered from the
    host tables by the batch's hash ids (which the input pipeline computed on the host).
 2. The device step differentiates the loss with respect to those rows and returns, per layer,
-   the distinct rows it touched and their clipped summed gradients
-   (`SparseTableOptimizer.update`), with the step's learning rate and count.
+   the table rows of the batch's hash ids and their clipped gradients, split over the devices
+   as the batch is (`SparseTableOptimizer.update`), with the step's learning rate and count.
 3. While the device runs, the feed reads the next batch and gathers its rows from the tables as
    they are; then `HostTableOptimizer.apply` runs lazy Adam on the touched rows (the same
    `_adam` as the device's `sparse_adam`, on the host's CPU) and the feed patches the next
@@ -34,7 +34,7 @@ from engram_jax.inference.host_tables import HostTables
 from engram_jax.nn.engram import init_table
 from engram_jax.nn.model import Transformer, is_engram_table
 from engram_jax.train.optimizer import ADAM_EPS
-from engram_jax.train.sparse_adam import _adam
+from engram_jax.train.sparse_adam import _adam, unique_row_sums
 
 
 def host_placement(model_config) -> bool:
@@ -48,6 +48,7 @@ def _cpu() -> jax.Device:
 
 
 _host_adam = jax.jit(_adam, static_argnames=("b1", "b2", "eps"))
+_host_row_sums = jax.jit(unique_row_sums, static_argnames="num_rows")
 
 
 class HostTableOptimizer:
@@ -88,8 +89,8 @@ class HostTableOptimizer:
 
         Args:
           table_step: the step's "host_table_step" metric (`SparseTableOptimizer.update`):
-            learning rate, count and per layer the distinct rows (padded with the table's row
-            count) and their clipped summed gradients.
+            learning rate, count and per layer the rows of the batch's hash ids and their
+            clipped gradients, summed here per distinct row (`unique_row_sums`).
 
         Returns:
           layer -> int (T,) the rows it changed.
@@ -98,14 +99,18 @@ class HostTableOptimizer:
         changed = {}
         hyper = dict(b1=self.b1, b2=self.b2, eps=self.eps)
         with jax.default_device(_cpu()):
-            for key, rows in table_step["rows"].items():
+            for key, ids in table_step["rows"].items():
                 layer = int(key)
                 table, mu, nu = self.tables.tables[layer], self.mu[layer], self.nu[layer]
+                rows, sums = _host_row_sums(ids.reshape(-1),
+                                            table_step["grads"][key].reshape(ids.size, -1),
+                                            table.shape[0])
+                rows = np.asarray(rows)
                 valid = rows < table.shape[0]
                 take = np.minimum(rows, table.shape[0] - 1)  # padding: computed, then dropped
-                values, m, v = _host_adam(table[take], mu[take], nu[take],
-                                          table_step["grads"][key], table_step["count"],
-                                          table_step["learning_rate"], **hyper)
+                values, m, v = _host_adam(table[take], mu[take], nu[take], sums,
+                                          table_step["count"], table_step["learning_rate"],
+                                          **hyper)
                 touched = rows[valid]
                 table[touched] = np.asarray(values)[valid].astype(table.dtype)
                 mu[touched], nu[touched] = np.asarray(m)[valid], np.asarray(v)[valid]

@@ -149,9 +149,10 @@ class SparseTableOptimizer(nnx.Optimizer):
 
         Returns:
           The global gradient norm before clipping, and for host tables their step (else {}):
-          {"learning_rate": f32, "count": the step number t, "rows": {layer: int32 (N,) the
-          distinct rows, padded with the table's row count}, "grads": {layer: (N, head_dim)
-          their clipped summed gradients}}, N = B x L x K.
+          {"learning_rate": f32, "count": the step number t, "rows": {layer: int32 (B, L, K)
+          the table rows of the hash ids}, "grads": {layer: float32 (B, L, E) their clipped
+          gradients}}, split over devices as the batch (repeated rows are summed on the host,
+          so no device holds the global batch's distinct rows).
         """
         engrams = model.engram_modules()
         # One device per table (or tables on the host): the touched rows' summed gradients. A
@@ -160,13 +161,14 @@ class SparseTableOptimizer(nnx.Optimizer):
         # device, would be replicated).
         by_rows = self.on_host or all(table_shards(e.table.shape[0]) == 1
                                       for e in engrams.values())
-        table_grads, touched = {}, {}
+        table_rows, table_grads, touched = {}, {}, {}
         for layer, engram in engrams.items():
-            ids = hash_ids[layer] + jnp.asarray(engram.layout.offsets, jnp.int32)
+            ids = table_rows[layer] = hash_ids[layer] + jnp.asarray(engram.layout.offsets,
+                                                                    jnp.int32)
             rows = engram.layout.padded_rows
             if by_rows:
                 table_grads[layer] = unique_row_sums(
-                    ids.reshape(-1), row_grads[layer].reshape(-1, engram.table.shape[1]), rows)
+                    ids.reshape(-1), row_grads[layer].reshape(-1, engram.config.head_dim), rows)
             else:
                 table_grads[layer] = _table_gradient(engram, hash_ids[layer], row_grads[layer])
                 touched[layer] = jnp.zeros((rows,), bool).at[ids.reshape(-1)].set(True)
@@ -181,10 +183,11 @@ class SparseTableOptimizer(nnx.Optimizer):
         learning_rate = self.table_learning_rate(self.step[...])
         count = self.step[...] + 1
         super().update(model, grads)
-        if self.on_host:
+        if self.on_host:  # per token, split over the batch as it is: the host sums repeats
             return norm, {"learning_rate": learning_rate, "count": count,
-                          "rows": {str(k): rows for k, (rows, _) in table_grads.items()},
-                          "grads": {str(k): clipped(sums) for k, (_, sums) in table_grads.items()}}
+                          "rows": {str(k): ids for k, ids in table_rows.items()},
+                          "grads": {str(k): clipped(row_grads[k].astype(jnp.float32))
+                                    for k in engrams}}
         hyper = dict(b1=self.b1, b2=self.b2, eps=self.eps)
         for layer, engram in engrams.items():
             key = str(layer)
