@@ -101,7 +101,7 @@ def corpus_dedup(config_name: str, tokens_per_device: int) -> dict:
     ratios = {}
     for batch in range(8):
         start = batch * tokens_per_device
-        tokens = prepared.train_tokens[start:start + tokens_per_device][None]
+        tokens = prepared.train.stream[start:start + tokens_per_device][None]
         for layer, ids in hasher(tokens).items():
             rows = ids + np.asarray(layout[layer].offsets, np.int64)
             ratios.setdefault(layer, []).append(np.unique(rows).size / rows.size)

@@ -27,16 +27,27 @@ Main entry points, importable from here:
   - `load_reference_state_dict`: load the reference demo's PyTorch weights.
 """
 
-from engram_jax.config import ConfigError, EngramConfig
-from engram_jax.data.compression import CompressedTokenizer
-from engram_jax.data.hashing import NgramHasher
-from engram_jax.data.tokenizer import TextTokenizer, cached_bpe_tokenizer, load_tokenizer
-from engram_jax.interop import load_reference_state_dict
-from engram_jax.nn.engram import Engram
-from engram_jax.nn.model import Transformer
+import importlib
 
-__all__ = [
-    "CompressedTokenizer", "ConfigError", "Engram", "EngramConfig", "NgramHasher",
-    "TextTokenizer", "Transformer", "cached_bpe_tokenizer", "load_reference_state_dict",
-    "load_tokenizer",
-]
+# Name -> the module it comes from, imported on first use, so that `import engram_jax.data.X`
+# (the pre-tokenising workers, the config loader) does not import jax and the model.
+_EXPORTS = {
+    "ConfigError": "engram_jax.config", "EngramConfig": "engram_jax.config",
+    "CompressedTokenizer": "engram_jax.data.compression",
+    "NgramHasher": "engram_jax.data.hashing",
+    "TextTokenizer": "engram_jax.data.tokenizer",
+    "cached_bpe_tokenizer": "engram_jax.data.tokenizer",
+    "load_tokenizer": "engram_jax.data.tokenizer",
+    "load_reference_state_dict": "engram_jax.interop",
+    "Engram": "engram_jax.nn.engram", "Transformer": "engram_jax.nn.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engram_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

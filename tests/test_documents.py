@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from engram_jax.config import load_model_config
-from engram_jax.data import pipeline
+from engram_jax.data import pipeline, prepare
 from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.data.hashing import NgramHasher, segment_ids_from_separator
 from engram_jax.nn.attention import causal_attention, splash_attention
@@ -50,12 +50,12 @@ def test_segment_ids_and_positions():
 
 def test_the_pipeline_gives_segment_ids_from_its_packing():
     stream = np.concatenate(_documents() * 4).astype(np.int32)
-    batch = next(iter(pipeline.batches(stream, 16, 2, None, seed=0, num_threads=0,
+    batch = next(iter(pipeline.batches(prepare.Windows(stream, 16), 2, None, seed=0, num_threads=0,
                                        separator_id=EOD)))
     chex.assert_shape(batch["segment_ids"], (2, 16))
     np.testing.assert_array_equal(batch["segment_ids"],
                                   segment_ids_from_separator(batch["tokens"][:, :-1], EOD))
-    plain = next(iter(pipeline.batches(stream, 16, 2, None, seed=0, num_threads=0)))
+    plain = next(iter(pipeline.batches(prepare.Windows(stream, 16), 2, None, seed=0, num_threads=0)))
     assert "segment_ids" not in plain
 
 

@@ -82,6 +82,50 @@ def test_resume_after_sigkill_is_exact(corpus_dir, straight_run, tmp_path):
     assert [interrupted[s] for s in range(1, 25)] == [straight[s] for s in range(1, 25)]
 
 
+def test_a_pretokenized_corpus_trains_as_its_text_and_resumes_exactly(corpus_dir,
+                                                                      straight_run, tmp_path):
+    """The corpus pre-tokenised into ArrayRecord shards (two worker processes) and trained on
+    through random access: killed at a checkpoint and resumed, every loss equals the straight
+    run's on the text itself."""
+    tokens = tmp_path / "tokens"
+    made = subprocess.run([sys.executable, "-m", "engram_jax.pretokenize", "--config",
+                           str(ROOT / "configs/tiny.yaml"), "--out", str(tokens), "--workers",
+                           "2", "--no-progress", *tiny_text_overrides(corpus_dir)],
+                          capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, cwd=ROOT)
+    assert made.returncode == 0, made.stderr[-3000:]
+    corpus = ("data.source=array_record", f"data.paths=['{tokens}']")
+    killed = _run(corpus_dir, tmp_path / "run", *corpus, fault="SIGKILL:12")
+    assert killed.returncode == -9
+    resumed = _run(corpus_dir, tmp_path / "run", *corpus)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    straight, interrupted = _losses(straight_run[0]), _losses(tmp_path / "run")
+    assert [interrupted[s] for s in range(1, 25)] == [straight[s] for s in range(1, 25)]
+
+    # A mixture of the shards and a part of the text: each source's validation figures, their
+    # weighted mean, and the evaluate command's figures equal the run's.
+    mixture = (f"data.mixture=[{{name: shards, weight: 3, paths: ['{tokens}']}}, "
+               f"{{name: some, source: text, paths: ['{corpus_dir}/doc1*.txt']}}]")
+    mixed = _run(corpus_dir, tmp_path / "mixed", "data.source=stdlib", "data.paths=[]",
+                 mixture, "train.eval_batches=1", steps=12)
+    assert mixed.returncode == 0, mixed.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "mixed" / "metrics.jsonl").read_text()
+            .splitlines()]
+    final = [r for r in rows if r.get("step") == 12 and "val_loss" in r][-1]
+    np.testing.assert_allclose(final["val_loss"], (3 * final["val_loss/shards"]
+                                                   + final["val_loss/some"]) / 4, rtol=1e-12)
+    assert final["val_loss/shards"] != final["val_loss/some"]
+    evaluated = subprocess.run([sys.executable, "-m", "engram_jax.evaluate", "--checkpoint",
+                                str(tmp_path / "mixed"), "--batches", "1"],
+                               capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+                               cwd=ROOT)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    row = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert row["batches"] == {"shards": 1, "some": 1}
+    for key in ("val_loss", "val_loss/shards", "val_loss/some"):
+        np.testing.assert_allclose(row[key], final[key], rtol=1e-6, err_msg=key)
+
+
 def test_host_tables_resume_exactly_after_sigkill_and_evaluate_as_trained(corpus_dir,
                                                                           tmp_path):
     """`engram.table_placement: host`: killed at a checkpoint and resumed, the same losses as a

@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 
 from engram_jax.config.schema import Config
-from engram_jax.data.pipeline import Windows, make_hasher
-from engram_jax.data.prepare import end_of_document_id, validation_stream
+from engram_jax.data.pipeline import make_hasher
+from engram_jax.data.prepare import Windows, end_of_document_id, validation_stream
 from engram_jax.data.tokenizer import TextTokenizer
 from engram_jax.nn.model import Transformer
 from engram_jax.train.run_dir import load_trained

@@ -10,13 +10,13 @@ from engram_jax.config.loader import (apply_overrides, config_path, config_to_di
                                       load_yaml, merge_nested, preset_names)
 from engram_jax.config.schema import (DATA_SOURCES, DTYPES, ENGRAM_FUSIONS, ENGRAM_LOOKUPS,
                                       MESH_AXES, REMAT_POLICIES, SCHEDULES, STREAM_MERGES,
-                                      Config, ConfigError, DataConfig, EngramConfig, ModelConfig,
-                                      MoEConfig, ShardingConfig, TrainConfig)
+                                      Config, ConfigError, DataConfig, EngramConfig, MixtureSource,
+                                      ModelConfig, MoEConfig, ShardingConfig, TrainConfig)
 
 __all__ = [
     "DATA_SOURCES", "DTYPES", "ENGRAM_FUSIONS", "ENGRAM_LOOKUPS", "MESH_AXES", "REMAT_POLICIES",
     "SCHEDULES", "STREAM_MERGES", "Config", "ConfigError", "DataConfig", "EngramConfig",
-    "ModelConfig", "MoEConfig", "ShardingConfig", "TrainConfig", "apply_overrides",
+    "MixtureSource", "ModelConfig", "MoEConfig", "ShardingConfig", "TrainConfig", "apply_overrides",
     "config_path", "config_to_dict", "from_dict", "load_config", "load_engram_config",
     "load_model_config", "load_yaml", "merge_nested", "preset_names",
 ]

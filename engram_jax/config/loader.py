@@ -92,6 +92,9 @@ def _coerce(value: Any, annotation, key: str) -> Any:
             if isinstance(value, (list, tuple)):
                 if element is None:
                     return tuple(value)
+                if dataclasses.is_dataclass(element):
+                    return tuple(from_dict(element, item, prefix=f"{key}[{i}].")
+                                 for i, item in enumerate(value))
                 return tuple(_coerce(item, element, f"{key}[{i}]") for i, item in enumerate(value))
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{key}={value!r}: expected {names}")

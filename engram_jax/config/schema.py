@@ -350,6 +350,41 @@ class ShardingConfig:
 DATA_SOURCES = ("stdlib", "text", "jsonl", "parquet", "array_record", "hf")
 
 
+def _check_source(where, section: str) -> None:
+    """A source's keys (of a `DataConfig` or a `MixtureSource`) name documents it can read."""
+    check = lambda ok, field, why: _check(ok, field, getattr(where, field), why, section)
+    check(where.source in DATA_SOURCES, "source", f"must be one of {DATA_SOURCES}")
+    check(where.source in ("stdlib", "hf") or bool(where.paths) or (
+        section == "data" and bool(getattr(where, "mixture", ()))), "paths",
+        f"source {where.source!r} needs at least one path or glob")
+    check(where.source != "hf" or bool(where.hf_name), "hf_name", "source 'hf' needs hf_name")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One source of a data mixture (`DataConfig.mixture`).
+
+    Attributes:
+      name: how metrics name it (`val_loss/<name>`); unique within the mixture.
+      weight: its share of the training windows, relative to the others' (> 0).
+      source, paths, field, hf_name, hf_split: where its documents come from, as the
+        `DataConfig` keys of the same names; every other data setting (split, tokenizer,
+        seq_len, ...) is the mixture's.
+    """
+
+    name: str
+    weight: float = 1.0
+    source: str = "array_record"
+    paths: tuple[str, ...] = ()
+    field: str = "text"
+    hf_name: str | None = None
+    hf_split: str = "train"
+
+    def __post_init__(self):
+        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+        object.__setattr__(self, "paths", paths)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where training text comes from and how it becomes batches.
@@ -379,6 +414,11 @@ class DataConfig:
       prefetch: batches prepared ahead of the device.
       cache_dir: where tokenizers and tokenised corpora are cached (default: see
         `tokenizer.default_cache_dir`).
+      mixture: several sources mixed by weight (`MixtureSource`), in place of `source` and
+        `paths`: training windows are drawn from each in proportion to its weight, and each
+        has its own validation figures. They share one tokenizer: `tokenizer`, else the first
+        pre-tokenised source's, else the default BPE trained on the first source's training
+        split.
     """
 
     source: str = "stdlib"
@@ -395,15 +435,23 @@ class DataConfig:
     num_threads: int = 2
     prefetch: int = 4
     cache_dir: str | None = None
+    mixture: tuple[MixtureSource, ...] = ()
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
         object.__setattr__(self, "paths", paths)
+        object.__setattr__(self, "mixture", tuple(self.mixture))
         check = lambda ok, field, why: _check(ok, field, getattr(self, field), why, "data")
-        check(self.source in DATA_SOURCES, "source", f"must be one of {DATA_SOURCES}")
-        check(self.source in ("stdlib", "hf") or bool(self.paths), "paths",
-              f"source {self.source!r} needs at least one path or glob")
-        check(self.source != "hf" or bool(self.hf_name), "hf_name", "source 'hf' needs hf_name")
+        _check_source(self, "data")
+        check(not (self.mixture and self.paths), "paths",
+              "data.mixture names the sources: leave data.paths empty")
+        names = [part.name for part in self.mixture]
+        for i, part in enumerate(self.mixture):
+            section = f"data.mixture[{i}]"
+            _check(bool(part.name) and names.index(part.name) == i, "name", part.name,
+                   "must be a non-empty name no earlier source of the mixture has", section)
+            _check(part.weight > 0, "weight", part.weight, "must be > 0", section)
+            _check_source(part, section)
         check(0 < self.validation_percent < 100, "validation_percent", "must be in (0, 100)")
         check(self.seq_len >= 2, "seq_len", "must be >= 2")
         check(self.tokenizer_vocab_size >= 258, "tokenizer_vocab_size", "must be >= 258")

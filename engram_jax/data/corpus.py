@@ -6,7 +6,8 @@ for records) and goes to the validation split when a hash of the key falls under
 or on where the corpus lives. A corpus of one document (one text file) is split by lines
 instead: its last `validation_percent` of bytes, at a line boundary, are the validation split.
 
-Bad input is reported, never silently trained on: a record that is null, not a string, empty or
+Files are read a document (a JSONL line, a Parquet batch) at a time, so a source's size is not
+bounded by memory. Bad input is reported, never silently trained on: a record that is null, not a string, empty or
 not valid JSON is skipped and counted (`CorpusReport`), undecodable bytes of a text file are
 replaced by U+FFFD and counted, and a missing path, field or column, or a source with nothing
 usable, is a `DataError` (or `FileNotFoundError`) whose one-line message names the file or field.
@@ -146,7 +147,7 @@ def _raw_documents(config: DataConfig, report: CorpusReport) -> Iterator[tuple[s
             yield key, decode(path.read_bytes(), report)
     elif config.source == "jsonl":
         for path, key in expand_paths(config.paths):
-            for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            for number, line in _numbered_lines(path):
                 if not line.strip():
                     continue
                 try:
@@ -162,11 +163,13 @@ def _raw_documents(config: DataConfig, report: CorpusReport) -> Iterator[tuple[s
         import pyarrow.parquet as pq
 
         for path, key in expand_paths(config.paths):
-            table = pq.read_table(path)
-            if config.field not in table.column_names:
+            table = pq.ParquetFile(path)
+            if config.field not in table.schema_arrow.names:
                 raise DataError(f"{path}: no column {config.field!r} (columns: "
-                                f"{', '.join(table.column_names)}; set data.field)")
-            for index, value in enumerate(table.column(config.field).to_pylist()):
+                                f"{', '.join(table.schema_arrow.names)}; set data.field)")
+            values = (value for batch in table.iter_batches(columns=[config.field])
+                      for value in batch.column(0).to_pylist())
+            for index, value in enumerate(values):
                 yield f"{key}:{index}", value
     elif config.source == "hf":
         try:
@@ -181,6 +184,17 @@ def _raw_documents(config: DataConfig, report: CorpusReport) -> Iterator[tuple[s
     else:
         raise DataError(f"data.source {config.source!r} has no documents (array_record holds "
                         "pre-tokenised sequences)")
+
+
+def _numbered_lines(path: pathlib.Path) -> Iterator[tuple[int, bytes]]:
+    """(number from 1, line) of a file, read a line at a time, numbered as
+    `bytes.splitlines` of the whole file would number them."""
+    number = 0
+    with open(path, "rb") as f:
+        for chunk in f:
+            for line in chunk.splitlines():
+                number += 1
+                yield number, line
 
 
 def split_by_lines(text: str, percent: float) -> tuple[str, str]:

@@ -1,16 +1,21 @@
-"""The input pipeline: from a token stream to batches with their hash ids.
+"""The input pipeline: from windows of seq_len + 1 tokens to batches with their hash ids.
 
-A stream (`engram_jax.data.prepare`) is cut into windows of seq_len + 1 tokens (inputs and
-shifted targets). A grain `MapDataset` shuffles the windows from the seed (a new order each
-epoch), forms global batches, keeps this process's consecutive rows, and computes the Engram
-hash ids on the host in its worker threads, so the device never hashes and never waits for it.
-The iterator's state is a small dict that checkpoints save; after a restore the next batch is
-the one that would have come.
+The windows (`engram_jax.data.prepare`: an in-memory stream's `Windows` or a pre-tokenised
+corpus's `shards.RecordWindows`) are addressed by index. A grain `MapDataset` shuffles the
+indices from the seed (a new order each epoch) and groups them into per-process batches of
+global_batch / process_count consecutive indices; process p takes every process_count-th of
+those groups from the p-th, so its rows are the p-th slice of each global batch and the windows
+of other processes' rows are never read. Its worker threads then read the windows and compute
+the Engram hash ids on the host, so the device never hashes and never waits for it. The
+iterator's state is a small dict that checkpoints save; after a restore the next batch is the
+one that would have come.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 
 import grain
 import jax
@@ -19,38 +24,23 @@ import numpy as np
 from engram_jax.config.schema import Config, EngramConfig
 from engram_jax.data.compression import CompressedTokenizer
 from engram_jax.data.hashing import NgramHasher, segment_ids_from_separator
-from engram_jax.data.prepare import PreparedData
+from engram_jax.data.prepare import PreparedData, Windows
+from engram_jax.data.shards import RecordWindows
 from engram_jax.data.tokenizer import TextTokenizer
 
 
-class Windows:
-    """Random-access source of packed sequences: window i is stream[i*L : i*L + L + 1]."""
-
-    def __init__(self, stream: np.ndarray, seq_len: int):
-        self.stream = stream
-        self.seq_len = seq_len
-        self.count = (len(stream) - 1) // seq_len
-        if self.count < 1:
-            raise ValueError(f"{len(stream)} tokens are too few for one sequence of "
-                             f"{seq_len + 1}")
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        start = index * self.seq_len
-        return self.stream[start:start + self.seq_len + 1]
+def _tagged(source: int, index: int) -> tuple[int, int]:
+    return source, index
 
 
-class _ProcessRows(grain.transforms.Map):
-    """Keeps this process's consecutive rows of a global batch."""
+class _ReadWindows(grain.transforms.Map):
+    """(int (b,) sources, int (b,) window indices) -> int32 (b, L + 1) windows."""
 
-    def __init__(self, process_index: int, process_count: int):
-        self.process_index, self.process_count = process_index, process_count
+    def __init__(self, sources: list[Windows | RecordWindows]):
+        self.sources = sources
 
-    def map(self, batch: np.ndarray) -> np.ndarray:
-        rows = batch.shape[0] // self.process_count
-        return batch[self.process_index * rows:(self.process_index + 1) * rows]
+    def map(self, batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return np.stack([self.sources[s][i] for s, i in zip(*batch)]).astype(np.int32)
 
 
 class _AddHashIds(grain.transforms.Map):
@@ -90,48 +80,68 @@ def engram_hasher(engram: EngramConfig | None, tokenizer: TextTokenizer, eod_id:
     return NgramHasher(engram, compressor, separator_id=eod_id)
 
 
-def batches(stream: np.ndarray, seq_len: int, global_batch: int, hasher: NgramHasher | None,
-            seed: int, process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-            repeat: bool = True, num_threads: int = 2, prefetch: int = 4,
+def batches(windows: Windows | RecordWindows | Sequence[tuple[Windows | RecordWindows, float]],
+            global_batch: int, hasher: NgramHasher | None, seed: int, process_index: int = 0,
+            process_count: int = 1, shuffle: bool = True, repeat: bool = True,
+            num_threads: int = 2, prefetch: int = 4,
             separator_id: int | None = None) -> grain.IterDataset:
-    """Batches of this process: dicts of "tokens" (b, L + 1), "hash_ids" {layer: (b, L, K)}
-    and, with `separator_id` (the token ending each document), "segment_ids" (b, L);
-    b = global_batch / process_count. Every process sees the same global batches."""
+    """Batches of this process from `windows` (`len`, `[i]` -> int32 (L + 1,)), or from a
+    mixture: (windows, weight) pairs, each shuffled on its own (seed + its position) and
+    repeated, drawn in proportion to the weights (grain's `MapDataset.mix`). Dicts of "tokens"
+    (b, L + 1), "hash_ids" {layer: (b, L, K)} and, with `separator_id` (the token ending each
+    document), "segment_ids" (b, L); b = global_batch / process_count. Every process sees its
+    rows of the same global batches and reads no other window."""
     if global_batch % process_count:
         raise ValueError(f"train.batch_size={global_batch} must be divisible by the "
                          f"{process_count} processes")
-    windows = Windows(stream, seq_len)
-    if len(windows) < global_batch:
-        raise ValueError(f"{len(stream)} tokens make {len(windows)} sequences of {seq_len + 1}, "
-                         f"fewer than one batch of {global_batch}")
-    dataset = grain.MapDataset.source(windows)
-    if shuffle:
-        dataset = dataset.shuffle(seed=seed)
-    if repeat:
-        dataset = dataset.repeat(None)
-    dataset = dataset.batch(global_batch, drop_remainder=True)
-    dataset = dataset.map(_ProcessRows(process_index, process_count)).map(
+    sources = list(windows) if isinstance(windows, Sequence) else [(windows, 1.0)]
+    if len(sources) > 1 and not repeat:
+        raise ValueError("a mixture is drawn from repeated sources: repeat must be True")
+    for source, _ in sources:
+        if len(source) < global_batch:
+            raise ValueError(f"{len(source)} sequences of {source.seq_len + 1} tokens are fewer "
+                             f"than one batch of {global_batch}")
+    parts = []
+    for position, (source, _) in enumerate(sources):
+        part = grain.MapDataset.range(len(source))
+        if shuffle:
+            part = part.shuffle(seed=seed + position)
+        if repeat:
+            part = part.repeat(None)
+        parts.append(part.map(functools.partial(_tagged, position)))
+    dataset = (parts[0] if len(parts) == 1 else
+               grain.MapDataset.mix(parts, [weight for _, weight in sources]))
+    rows = global_batch // process_count
+    dataset = dataset.batch(rows, drop_remainder=True)
+    if not repeat:  # whole global batches only
+        dataset = dataset[:len(dataset) // process_count * process_count]
+    dataset = dataset[process_index::process_count]
+    dataset = dataset.map(_ReadWindows([source for source, _ in sources])).map(
         _AddHashIds(hasher, separator_id))
     return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                      prefetch_buffer_size=prefetch))
 
 
-def unigram_cross_entropy(train: np.ndarray, validation: np.ndarray, vocab_size: int) -> float:
-    """Validation cross-entropy (nats/token) of the add-one-smoothed training unigram model."""
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+def unigram_cross_entropy(train_counts: np.ndarray, validation_counts: np.ndarray) -> float:
+    """Validation cross-entropy (nats/token) of the add-one-smoothed training unigram model,
+    from the splits' token counts (int (vocab,))."""
+    counts = train_counts.astype(np.float64) + 1.0
     log_probs = np.log(counts / counts.sum())
-    return float(-log_probs[validation].mean())
+    return float(-(validation_counts * log_probs).sum() / validation_counts.sum())
 
 
 def training_batches(config: Config, prepared: PreparedData, hasher: NgramHasher | None
-                     ) -> tuple[grain.IterDataset, grain.IterDataset]:
-    """This process's training batches (shuffled, repeated, from `train.seed`) and validation
-    batches: a fixed sample spread over the whole validation split (shuffled with seed 0, not
-    repeated), so every evaluation sees the same `train.eval_batches` batches."""
-    common = dict(seq_len=config.data.seq_len, global_batch=config.train.batch_size,
-                  hasher=hasher, process_index=jax.process_index(),
-                  process_count=jax.process_count(), num_threads=config.data.num_threads,
-                  prefetch=config.data.prefetch,
+                     ) -> tuple[grain.IterDataset, dict[str, grain.IterDataset]]:
+    """This process's training batches (shuffled, repeated, from `train.seed`; a mixture's
+    sources drawn by weight) and, per source ("" for a lone one), its validation batches: a
+    fixed sample spread over the whole split (shuffled with seed 0, not repeated), so every
+    evaluation sees the same `train.eval_batches` batches."""
+    common = dict(global_batch=config.train.batch_size, hasher=hasher,
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  num_threads=config.data.num_threads, prefetch=config.data.prefetch,
                   separator_id=prepared.eod_id if config.data.document_mask else None)
-    return (batches(prepared.train_tokens, seed=config.train.seed, **common),
-            batches(prepared.validation_tokens, seed=0, repeat=False, **common))
+    train = (batches([(part.train, part.weight) for part in prepared.parts],
+                     seed=config.train.seed, **common) if prepared.is_mixture else
+             batches(prepared.train, seed=config.train.seed, **common))
+    return train, {part.name: batches(part.validation, seed=0, repeat=False, **common)
+                   for part in prepared.parts}

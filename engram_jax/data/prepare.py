@@ -1,9 +1,12 @@
-"""From a corpus to token streams: read, split, train or load the tokenizer, tokenise (cached).
+"""From a corpus to the windows training reads: read, split, train or load the tokenizer,
+tokenise (cached), or open a pre-tokenised corpus.
 
 Documents are tokenised in batches and concatenated, each followed by the end-of-document token,
-into one int32 stream per split, cached on disk and keyed by the documents and the tokenizer. A
-pre-tokenised source (`data.source: array_record`, written by `python -m engram_jax.pretokenize`)
-is read back as it is. `engram_jax.data.pipeline` then turns a stream into batches.
+into one int32 stream per split, cached on disk and keyed by the documents and the tokenizer, and
+cut into windows (`Windows`). A pre-tokenised source (`data.source: array_record`, written by
+`python -m engram_jax.pretokenize`) is opened for random access instead (`shards.RecordWindows`):
+nothing is read whole. Both give `PreparedData`; `engram_jax.data.pipeline` turns its windows
+into batches.
 """
 
 from __future__ import annotations
@@ -26,15 +29,79 @@ EOD_TOKEN = DEFAULT_SPECIAL_TOKENS[0]  # the offline default tokenizer's
 _ENCODE_CHUNK = 256
 
 
+class Windows:
+    """Random access to the windows of an in-memory int32 token stream: window i is
+    stream[i * seq_len : i * seq_len + seq_len + 1] (inputs and shifted targets)."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int):
+        self.stream, self.seq_len = stream, seq_len
+        self.count = max(0, (len(stream) - 1) // seq_len)
+        self.tokens = len(stream)  # of the stream, the tokens after the last window included
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        start = int(index) * self.seq_len
+        return self.stream[start:start + self.seq_len + 1]
+
+    def token_counts(self, vocab_size: int) -> np.ndarray:
+        """int64 (vocab_size,) count of every token id of the stream."""
+        return np.bincount(self.stream, minlength=vocab_size).astype(np.int64)
+
+    def fingerprint(self) -> dict:
+        """The stream's length and sha256 (what a resumed run checks)."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.stream, "<i4").tobytes())
+        return {"tokens": int(len(self.stream)), "sha256": digest.hexdigest()[:16]}
+
+
+@dataclasses.dataclass
+class DataPart:
+    """One source's splits: windows (`Windows` or `shards.RecordWindows`: `len`, `[i]` -> int32
+    (seq_len + 1,), `fingerprint()`, `token_counts(vocab)`) and what reading it found. `name`
+    is the mixture's name for it ("" for a lone source), `weight` its share of training."""
+
+    name: str
+    weight: float
+    train: Windows | shards.RecordWindows
+    validation: Windows | shards.RecordWindows
+    report: CorpusReport
+
+
 @dataclasses.dataclass
 class PreparedData:
-    """Tokenised splits and what the rest of training needs to know about them."""
+    """The tokenizer, the end-of-document id and the sources' splits: one `DataPart`, or one
+    per source of `data.mixture`."""
 
     tokenizer: TextTokenizer
     eod_id: int
-    train_tokens: np.ndarray  # int32 stream
-    validation_tokens: np.ndarray
-    report: CorpusReport
+    parts: tuple[DataPart, ...]
+
+    @property
+    def is_mixture(self) -> bool:
+        return bool(self.parts[0].name)
+
+    def _lone(self) -> DataPart:
+        if self.is_mixture:
+            raise ValueError("a mixture has one train and validation split per source: read "
+                             "`parts`")
+        return self.parts[0]
+
+    @property
+    def train(self) -> Windows | shards.RecordWindows:
+        """The lone source's training windows."""
+        return self._lone().train
+
+    @property
+    def validation(self) -> Windows | shards.RecordWindows:
+        """The lone source's validation windows."""
+        return self._lone().validation
+
+    @property
+    def report(self) -> CorpusReport:
+        """What reading every source found, summed."""
+        reports = [dataclasses.asdict(part.report) for part in self.parts]
+        return CorpusReport(**{key: sum(r[key] for r in reports) for key in reports[0]})
 
 
 def end_of_document_id(tokenizer: TextTokenizer, configured: str | None = None) -> int:
@@ -99,14 +166,40 @@ def _cached_stream(cache: pathlib.Path, tokenizer: TextTokenizer, texts: Sequenc
 def prepare_data(config: DataConfig, progress: bool = True,
                  tokenizer: TextTokenizer | None = None) -> PreparedData:
     """Reads, splits and tokenises the corpus with `tokenizer`, or with the configured one (the
-    default BPE is trained once and cached; tokenising is cached too); a pre-tokenised source
-    (`array_record`) is read as it is.
+    default BPE is trained once and cached; tokenising is cached too), into windows of
+    `config.seq_len` + 1 tokens; a pre-tokenised source (`array_record`) is opened instead. With
+    `data.mixture` every source is prepared so, with one tokenizer: `tokenizer`, else the
+    configured one, else the first source's.
 
     Raises:
       DataError, FileNotFoundError: the corpus cannot be used (the message names what).
     """
+    if not config.mixture:
+        tokenizer, eod_id, part = _prepare_source(config, "", 1.0, progress, tokenizer, "")
+        return PreparedData(tokenizer, eod_id, (part,))
+    parts, first = [], None
+    for source in config.mixture:
+        settings = dataclasses.replace(
+            config, source=source.source, paths=source.paths, field=source.field,
+            hf_name=source.hf_name, hf_split=source.hf_split, mixture=())
+        chosen, eod_id, part = _prepare_source(
+            settings, source.name, source.weight, progress, tokenizer,
+            f"the mixture's (from source {first!r})" if first else "the run's")
+        if parts and eod_id != parts[0][0]:
+            raise DataError(f"data.mixture: source {source.name!r} ends its documents with id "
+                            f"{eod_id}, source {first!r} with {parts[0][0]}")
+        tokenizer, first = chosen, first or source.name
+        parts.append((eod_id, part))
+    return PreparedData(tokenizer, parts[0][0], tuple(part for _, part in parts))
+
+
+def _prepare_source(config: DataConfig, name: str, weight: float, progress: bool,
+                    tokenizer: TextTokenizer | None, whose: str
+                    ) -> tuple[TextTokenizer, int, DataPart]:
+    """(tokenizer, end-of-document id, the source's part) of one source (`config` without a
+    mixture); `whose` names `tokenizer` in an error."""
     if config.source == "array_record":
-        return _pretokenized(pathlib.Path(config.paths[0]))
+        return _pretokenized(config, name, weight, tokenizer, whose)
     train_texts, validation_texts, report = split_documents(config)
     cache = pathlib.Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if tokenizer is None and config.tokenizer is None:
@@ -115,32 +208,75 @@ def prepare_data(config: DataConfig, progress: bool = True,
         tokenizer = load_tokenizer(config.tokenizer)
     eod_id = end_of_document_id(tokenizer, config.eod_token)
     streams = cache / "tokens"
-    train = _cached_stream(streams, tokenizer, train_texts, eod_id, progress, "tokenising train")
+    label = f" {name}" if name else ""
+    train = _cached_stream(streams, tokenizer, train_texts, eod_id, progress,
+                           f"tokenising{label} train")
     validation = _cached_stream(streams, tokenizer, validation_texts, eod_id, progress,
-                                "tokenising validation")
-    return PreparedData(tokenizer, eod_id, train, validation, report)
+                                f"tokenising{label} validation")
+    return tokenizer, eod_id, DataPart(name, weight, Windows(train, config.seq_len),
+                                       Windows(validation, config.seq_len), report)
 
 
 def data_fingerprint(prepared: PreparedData) -> dict:
-    """What identifies the token streams a run trains and validates on: their sizes and
-    sha256, and the documents read."""
-    def digest(tokens: np.ndarray) -> str:
-        return hashlib.sha256(np.ascontiguousarray(tokens, "<i4").tobytes()).hexdigest()[:16]
+    """What identifies the tokens a run trains and validates on: the splits' sizes and digests
+    (per source of a mixture), and the documents read."""
+    def of(part: DataPart) -> dict:
+        train, validation = part.train.fingerprint(), part.validation.fingerprint()
+        return {"train_tokens": train["tokens"], "validation_tokens": validation["tokens"],
+                "train_sha256": train["sha256"], "validation_sha256": validation["sha256"]}
 
+    if not prepared.is_mixture:
+        return {"documents": prepared.report.documents, **of(prepared.parts[0])}
     return {"documents": prepared.report.documents,
-            "train_tokens": int(len(prepared.train_tokens)),
-            "validation_tokens": int(len(prepared.validation_tokens)),
-            "train_sha256": digest(prepared.train_tokens),
-            "validation_sha256": digest(prepared.validation_tokens)}
+            "mixture": {part.name: {"weight": part.weight, **of(part)}
+                        for part in prepared.parts}}
 
 
-def _pretokenized(directory: pathlib.Path) -> PreparedData:
-    """`PreparedData` from a directory written by `python -m engram_jax.pretokenize`."""
-    meta = shards.read_meta(directory)
-    return PreparedData(load_tokenizer(directory / shards.TOKENIZER_DIR), meta["eod_id"],
-                        shards.read_shards(directory, "train"),
-                        shards.read_shards(directory, "validation"),
-                        CorpusReport(**meta["report"]))
+def _pretokenized(config: DataConfig, name: str, weight: float,
+                  tokenizer: TextTokenizer | None, whose: str
+                  ) -> tuple[TextTokenizer, int, DataPart]:
+    """The corpus directory `config.paths[0]` (`shards.open_corpus`): its tokenizer must be
+    `tokenizer` and the configured one, when given."""
+    where = f"data.mixture source {name!r}" if name else "data.paths"
+    if len(config.paths) != 1:
+        raise DataError(f"{where}: source array_record reads one corpus directory, got "
+                        f"{len(config.paths)}: {', '.join(config.paths)}")
+    directory = pathlib.Path(config.paths[0])
+    corpus = shards.open_corpus(directory, config.seq_len)
+    for label, expected in ((whose, tokenizer),
+                            (f"data.tokenizer={config.tokenizer!r}",
+                             load_tokenizer(config.tokenizer) if config.tokenizer else None)):
+        if expected is not None and expected.fingerprint() != corpus.tokenizer.fingerprint():
+            raise DataError(f"{where}: {directory} was tokenised with another tokenizer than "
+                            f"{label}")
+    return corpus.tokenizer, corpus.meta["eod_id"], DataPart(
+        name, weight, corpus.train, corpus.validation, CorpusReport(**corpus.meta["report"]))
+
+
+def validation_windows(config: DataConfig, tokenizer: TextTokenizer
+                       ) -> tuple[list[tuple[str, float, Windows | shards.RecordWindows]], int]:
+    """Per source ("" for a lone one) of `config`, (name, weight, validation windows) with
+    `tokenizer`, tokenising only the validation splits (a pre-tokenised source's must have been
+    made with it), and the documents read.
+
+    Raises:
+      DataError, FileNotFoundError: as `prepare_data`.
+    """
+    sources = ([("", 1.0, config)] if not config.mixture else
+               [(s.name, s.weight, dataclasses.replace(
+                   config, source=s.source, paths=s.paths, field=s.field, hf_name=s.hf_name,
+                   hf_split=s.hf_split, mixture=())) for s in config.mixture])
+    out, documents = [], 0
+    for name, weight, settings in sources:
+        if settings.source == "array_record":
+            _, _, part = _pretokenized(settings, name, weight, tokenizer, "the checkpoint's")
+            windows, read = part.validation, part.report.documents
+        else:
+            stream, read = validation_stream(settings, tokenizer)
+            windows = Windows(stream, settings.seq_len)
+        out.append((name, weight, windows))
+        documents += read
+    return out, documents
 
 
 def validation_stream(config: DataConfig, tokenizer: TextTokenizer) -> tuple[np.ndarray, int]:

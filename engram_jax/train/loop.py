@@ -11,7 +11,6 @@ checkpoint every `train.checkpoint_every` and on SIGTERM. What the run directory
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 
@@ -25,7 +24,7 @@ from engram_jax.data.corpus import DataError
 from engram_jax.data.pipeline import make_hasher, training_batches, unigram_cross_entropy
 from engram_jax.data.prepare import PreparedData, data_fingerprint, prepare_data
 from engram_jax.sharding.mesh import check_layout, default_mesh, use_mesh
-from engram_jax.train.evaluation import evaluate, to_device
+from engram_jax.train.evaluation import evaluate_sources, to_device
 from engram_jax.train.host_tables import HostRowFeed, HostTableOptimizer, host_placement
 from engram_jax.train.metrics import (MetricsWriter, RowUsage, TrainLogger, device_peak_flops,
                                       plot_run)
@@ -36,24 +35,29 @@ from engram_jax.train.signals import StopSignals
 from engram_jax.train.step import create_train_state, jitted_train_step
 
 
-def _evaluation_batches(config: Config, data: PreparedData) -> int:
-    """`train.eval_batches`, clamped (with a warning) to the batches the validation split holds.
+def _evaluation_batches(config: Config, data: PreparedData) -> dict[str, int]:
+    """Per source ("" for a lone one), `train.eval_batches` clamped (with a warning) to the
+    batches its validation split holds.
 
     Raises:
-      DataError: the validation split holds less than one batch.
+      DataError: a validation split holds less than one batch.
     """
-    windows = max(len(data.validation_tokens) - 1, 0) // config.data.seq_len
-    available = windows // config.train.batch_size
-    if available == 0:
-        raise DataError(f"data: the validation split holds {windows} sequences of "
-                        f"{config.data.seq_len + 1} tokens, fewer than one batch of "
-                        f"train.batch_size={config.train.batch_size}; raise "
-                        "data.validation_percent or add documents")
-    if config.train.eval_batches > available:
-        warnings.warn(f"train.eval_batches={config.train.eval_batches} is more than the "
-                      f"{available} batches of the validation split: evaluating on {available}",
-                      RuntimeWarning, stacklevel=3)
-    return min(config.train.eval_batches, available)
+    counts = {}
+    for part in data.parts:
+        where = f"source {part.name!r}'s" if part.name else "the"
+        windows = len(part.validation)
+        available = windows // config.train.batch_size
+        if available == 0:
+            raise DataError(f"data: {where} validation split holds {windows} sequences of "
+                            f"{config.data.seq_len + 1} tokens, fewer than one batch of "
+                            f"train.batch_size={config.train.batch_size}; raise "
+                            "data.validation_percent or add documents")
+        if config.train.eval_batches > available:
+            warnings.warn(f"train.eval_batches={config.train.eval_batches} is more than the "
+                          f"{available} batches of {where} validation split: evaluating on "
+                          f"{available}", RuntimeWarning, stacklevel=3)
+        counts[part.name] = min(config.train.eval_batches, available)
+    return counts
 
 
 def _prepare(config: Config, resume: ResumePoint | None, say,
@@ -85,9 +89,11 @@ def train(config: Config, progress: bool = True) -> dict:
             f"{final['val_loss']:.4f}; nothing to do (raise train.steps to continue)")
         return final
     data, fingerprint = _prepare(config, resume, say, progress and is_main)
-    say(f"data: {data.report.summary()}; {len(data.train_tokens):,} training and "
-        f"{len(data.validation_tokens):,} validation tokens")
-    cfg = dataclasses.replace(cfg, eval_batches=_evaluation_batches(config, data))
+    tokens = [(part.train.tokens, part.validation.tokens) for part in data.parts]
+    say(f"data: {data.report.summary()}; {sum(t for t, _ in tokens):,} training and "
+        f"{sum(v for _, v in tokens):,} validation tokens"
+        + (f" from {len(data.parts)} sources" if data.is_mixture else ""))
+    eval_counts = _evaluation_batches(config, data)
     hasher = make_hasher(config, data.tokenizer, data.eod_id)
     if is_main:
         run.create(config, data.tokenizer, resume.step if resume else 0)
@@ -104,7 +110,10 @@ def train(config: Config, progress: bool = True) -> dict:
     say(f"model: {counts.total:,} parameters ({counts.active:,} active, "
         f"{counts.engram_tables:,} in Engram tables, {counts.embedding:,} embedding and head); "
         f"{jax.device_count()} device(s), {jax.process_count()} process(es)")
-    unigram = unigram_cross_entropy(data.train_tokens, data.validation_tokens, len(data.tokenizer))
+    vocab = len(data.tokenizer)
+    unigram = unigram_cross_entropy(
+        sum(part.train.token_counts(vocab) for part in data.parts),
+        sum(part.validation.token_counts(vocab) for part in data.parts))
     say(f"unigram baseline: validation loss {unigram:.3f} nats/token")
 
     checkpointer = run.checkpointer(keep=cfg.keep_checkpoints)
@@ -147,8 +156,9 @@ def train(config: Config, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % cfg.eval_every == 0 or last:
                 logger.flush(step)
-                result = evaluate(model, validation_batches, mesh, cfg.eval_batches, byte_lengths,
-                                  tables)
+                result = evaluate_sources(model, [
+                    (part.name, part.weight, validation_batches[part.name],
+                     eval_counts[part.name]) for part in data.parts], mesh, byte_lengths, tables)
                 writer.write(step, result)
                 final = {**logger.last, **result}
                 bar.write(f"step {step}: validation loss {result['val_loss']:.4f} "
