@@ -99,9 +99,12 @@ def corpus_dedup(config_name: str, tokens_per_device: int) -> dict:
     hasher = make_hasher(config, prepared.tokenizer, prepared.eod_id)
     layout = table_layout(config.model.engram)
     ratios = {}
+    seq_len = prepared.train.seq_len
+    windows = -(-8 * tokens_per_device // seq_len)
+    stream = prepared.train.read(range(windows))[:, :-1].reshape(-1)  # the split's first tokens
     for batch in range(8):
         start = batch * tokens_per_device
-        tokens = prepared.train.stream[start:start + tokens_per_device][None]
+        tokens = stream[start:start + tokens_per_device][None]
         for layer, ids in hasher(tokens).items():
             rows = ids + np.asarray(layout[layer].offsets, np.int64)
             ratios.setdefault(layer, []).append(np.unique(rows).size / rows.size)

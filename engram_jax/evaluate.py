@@ -4,6 +4,7 @@ DIR is a run directory or its `checkpoints/` directory (the newest readable chec
 The model, its config and its tokenizer come from the checkpoint; the data is the run's own
 unless `data.*` overrides name another source, e.g.
   python -m engram_jax.evaluate --checkpoint runs/small data.source=text 'data.paths=["x/*.txt"]'
+(for a run trained on `data.mixture`, add `data.mixture=[]` to evaluate on one other source).
 Prints one JSON line: validation loss, perplexity and bits per byte (with `data.mixture`, per
 source and their weighted mean, as training reports them).
 """
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     config, tokenizer = trained.config, trained.tokenizer
     try:
         sources, documents = validation_windows(config.data, tokenizer)
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, OSError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     eod_id = end_of_document_id(tokenizer, config.data.eod_token)

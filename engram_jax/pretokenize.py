@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -33,8 +34,8 @@ import numpy as np
 
 from engram_jax.config import ConfigError, DataConfig, load_config
 from engram_jax.data import shards
-from engram_jax.data.corpus import (CorpusReport, DataError, in_validation, iter_documents,
-                                    split_by_lines)
+from engram_jax.data.corpus import (CorpusReport, DataError, expand_paths, in_validation,
+                                    iter_documents, split_by_lines, stdlib_files)
 from engram_jax.data.prepare import end_of_document_id
 from engram_jax.data.tokenizer import TextTokenizer, cached_bpe_tokenizer, load_tokenizer
 
@@ -58,9 +59,24 @@ def split_stream(config: DataConfig, report: CorpusReport) -> Iterator[tuple[int
                       else "train"), text
 
 
+def _files_digest(config: DataConfig) -> str | None:
+    """sha256 of the source's files (paths, sizes, modification times), None for a dataset."""
+    if config.source == "hf":
+        return None
+    files = (stdlib_files()[1] if config.source == "stdlib" else
+             [path for path, _ in expand_paths(config.paths)])
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def settings_of(config: DataConfig, shard_mb: float, tokenizer_sample_mb: float) -> dict:
-    """What a corpus directory is made from: a rerun must match it to go on."""
+    """What a corpus directory is made from, its source's files included: a rerun must match
+    it to go on."""
     return {"source": config.source, "paths": list(config.paths), "field": config.field,
+            "files": _files_digest(config),
             "hf_name": config.hf_name, "hf_split": config.hf_split,
             "validation_percent": config.validation_percent, "seq_len": config.seq_len,
             "tokenizer": config.tokenizer, "tokenizer_vocab_size": config.tokenizer_vocab_size,
@@ -69,8 +85,12 @@ def settings_of(config: DataConfig, shard_mb: float, tokenizer_sample_mb: float)
 
 
 def _check_settings(out: pathlib.Path, settings: dict) -> None:
+    """Records the settings of a new directory (or of one with nothing finished yet: a run
+    that failed on bad input may be corrected); refuses other settings once a tokenizer or a
+    shard is there."""
     path = out / shards.SETTINGS_FILE
-    if not path.is_file():
+    started = (out / shards.TOKENIZER_DIR).is_dir() or any(out.glob("*-*.json"))
+    if not path.is_file() or not started:
         shards.write_json(path, settings)
         return
     before = json.loads(path.read_text())
@@ -125,7 +145,8 @@ def _start_worker(tokenizer_json: str) -> None:
 def _encode(texts: list[str], eod_id: int, tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
     """The documents' ids, each followed by `eod_id`, concatenated: (int32 ids, int64 lengths)."""
     tokenizer = tokenizer or _worker_tokenizer[0]
-    ids = [np.asarray(e.ids + [eod_id], np.int32) for e in tokenizer.encode_batch(texts)]
+    ids = [np.asarray(e.ids + [eod_id], np.int32)  # as `TextTokenizer.encode_batch`
+           for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
     return np.concatenate(ids), np.asarray([len(a) for a in ids], np.int64)
 
 
@@ -149,7 +170,8 @@ def pretokenize(config: DataConfig, out: pathlib.Path, *, workers: int = 2,
     Args:
       config: the data settings (source, split, tokenizer, seq_len, eod_token).
       out: the directory.
-      workers: tokeniser processes (0: tokenise in this process).
+      workers: tokeniser processes (0: tokenise in this process). They are spawned, so a
+        script that calls this must guard its top level with `if __name__ == "__main__":`.
       shard_mb: shard size: a shard is closed at the first document end past this many MiB of
         windows.
       tokenizer_sample_mb: training text the default BPE is trained on, without
@@ -162,10 +184,18 @@ def pretokenize(config: DataConfig, out: pathlib.Path, *, workers: int = 2,
     """
     if config.source == "array_record":
         raise DataError("data.source is array_record: the corpus is already pre-tokenised")
+    if config.mixture:
+        raise DataError("data.mixture is set: pre-tokenise its sources one at a time (a "
+                        "source's keys as data.source, data.paths, ...)")
     out.mkdir(parents=True, exist_ok=True)
+    if (out / shards.META_FILE).is_file():
+        meta = json.loads((out / shards.META_FILE).read_text())
+        if meta.get("format") != shards.FORMAT:
+            raise DataError(f"--out {out} holds a corpus of format {meta.get('format', 1)}: "
+                            "remove it or choose another --out")
     _check_settings(out, settings_of(config, shard_mb, tokenizer_sample_mb))
     if (out / shards.META_FILE).is_file():
-        return json.loads((out / shards.META_FILE).read_text())
+        return meta
     shards.remove_unfinished(out)
     tokenizer = _tokenizer(config, out, tokenizer_sample_mb)
     eod_id = end_of_document_id(tokenizer, config.eod_token)
@@ -254,7 +284,7 @@ def main(argv=None) -> int:
         meta = pretokenize(config, out, workers=args.workers, shard_mb=args.shard_mb,
                            tokenizer_sample_mb=args.tokenizer_sample_mb,
                            progress=not args.no_progress)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, OSError, ValueError) as err:  # one line, no traceback
         print(f"pretokenize: {err}", file=sys.stderr)
         return 2
     train, validation = meta["splits"]["train"], meta["splits"]["validation"]

@@ -157,7 +157,7 @@ def test_unigram_baseline():
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="0 sequences of 17 tokens are fewer than one batch"):
         pipeline.batches(_windows(np.arange(5, dtype=np.int32)), 1, None, seed=0)
-    with pytest.raises(ValueError, match="fewer than one batch of 64"):
+    with pytest.raises(ValueError, match="fewer than one batch of train.batch_size=64"):
         pipeline.batches(_windows(_stream(100)), 64, None, seed=0)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engram_jax import pretokenize
-from engram_jax.config import DataConfig
+from engram_jax.config import DataConfig, MixtureSource
 from engram_jax.data import pipeline, prepare, shards
 from engram_jax.data.corpus import DataError
 
@@ -76,6 +76,19 @@ def test_windows_equal_the_in_memory_path(written):
                                                     num_threads=0)))["tokens"])
 
 
+def _stop_after(documents: int):
+    """A `SplitWriter.add` that stops the run (KeyboardInterrupt) at its `documents`-th call."""
+    add, calls = shards.SplitWriter.add, []
+
+    def add_then_stop(self, index, tokens):
+        calls.append(index)
+        if len(calls) == documents:
+            raise KeyboardInterrupt
+        add(self, index, tokens)
+
+    return add_then_stop
+
+
 def test_worker_processes_and_a_resumed_run_write_the_same_bytes(written, corpus_dir, tmp_path,
                                                                  monkeypatch):
     config, directory = written
@@ -84,15 +97,7 @@ def test_worker_processes_and_a_resumed_run_write_the_same_bytes(written, corpus
     assert _files(tmp_path / "workers") == _files(directory)
 
     interrupted = tmp_path / "interrupted"
-    add, calls = shards.SplitWriter.add, []
-
-    def add_then_stop(self, index, tokens):
-        calls.append(index)
-        if len(calls) == 40:  # mid-shard, with finished shards before it
-            raise KeyboardInterrupt
-        add(self, index, tokens)
-
-    monkeypatch.setattr(shards.SplitWriter, "add", add_then_stop)
+    monkeypatch.setattr(shards.SplitWriter, "add", _stop_after(40))  # mid-shard
     with pytest.raises(KeyboardInterrupt):
         _run(config, interrupted)
     monkeypatch.undo()
@@ -107,10 +112,30 @@ def test_worker_processes_and_a_resumed_run_write_the_same_bytes(written, corpus
     assert _files(interrupted) == before
 
 
-def test_other_settings_on_the_same_directory_are_refused(written, corpus_dir):
+def test_other_settings_on_the_same_directory_are_refused(written, corpus_dir, tmp_path,
+                                                          monkeypatch):
     config, directory = written
     with pytest.raises(DataError, match=r"other settings \(seq_len: 16 -> 32\)"):
         _run(_config(corpus_dir, config.cache_dir, seq_len=32), directory)
+    with pytest.raises(DataError, match="data.mixture is set"):
+        _run(DataConfig(mixture=(MixtureSource("a", paths=("x",)),)), tmp_path / "mixed")
+
+    # A stopped run whose source changed is not continued over the new files.
+    copied = _copy(corpus_dir, tmp_path / "copied")
+    changed = _config(copied, config.cache_dir)
+    monkeypatch.setattr(shards.SplitWriter, "add", _stop_after(30))
+    with pytest.raises(KeyboardInterrupt):
+        _run(changed, tmp_path / "changed")
+    monkeypatch.undo()
+    (copied / "doc99.txt").write_text("one more document\n")
+    with pytest.raises(DataError, match=r"other settings \(files: "):
+        _run(changed, tmp_path / "changed")
+
+    # Nothing made yet (a source that failed): a corrected command may take the directory.
+    with pytest.raises(FileNotFoundError, match="nope"):
+        _run(_config(tmp_path / "nope", config.cache_dir), tmp_path / "fresh")
+    _run(config, tmp_path / "fresh")
+    assert _files(tmp_path / "fresh") == _files(directory)
 
 
 def test_pipeline_reads_only_this_processes_rows(written):
@@ -120,14 +145,14 @@ def test_pipeline_reads_only_this_processes_rows(written):
 
     class Counted:
         def __init__(self):
-            self.read, self.seq_len = [], train.seq_len
+            self.seen, self.seq_len = [], train.seq_len
 
         def __len__(self):
             return len(train)
 
-        def __getitem__(self, index):
-            self.read.append(int(index))
-            return train[index]
+        def read(self, indices):
+            self.seen.extend(int(i) for i in indices)
+            return train.read(indices)
 
     whole = iter(pipeline.batches(train, 4, None, seed=2, num_threads=0))
     sources = [Counted(), Counted()]
@@ -137,10 +162,10 @@ def test_pipeline_reads_only_this_processes_rows(written):
     for _ in range(12):
         parts = [next(h)["tokens"] for h in halves]
         np.testing.assert_array_equal(np.concatenate(parts), next(whole)["tokens"])
-    assert len(sources[0].read) == len(sources[1].read) == 12 * 2
+    assert len(sources[0].seen) == len(sources[1].seen) == 12 * 2
     epoch = len(train) // 4 * 4
     if 12 * 4 <= epoch:  # within one epoch the processes' rows are disjoint
-        assert not set(sources[0].read) & set(sources[1].read)
+        assert not set(sources[0].seen) & set(sources[1].seen)
 
 
 def _copy(directory: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
@@ -186,6 +211,16 @@ def test_bad_corpora_are_named_before_training(written, tmp_path):
     with pytest.raises(DataError, match="tokenised with another tokenizer than data.tokenizer"):
         _open(directory, tokenizer=str(other))
 
+    uncounted = _copy(directory, tmp_path / "uncounted")
+    (uncounted / "train.counts.npy").unlink()
+    with pytest.raises(DataError, match="train.counts.npy is missing"):
+        _open(uncounted)
+
+    untokenized = _copy(directory, tmp_path / "untokenized")
+    (untokenized / shards.TOKENIZER_DIR / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="holds no tokenizer.json"):
+        _open(untokenized)
+
     unfinished = _copy(directory, tmp_path / "unfinished")
     (unfinished / shards.META_FILE).unlink()
     with pytest.raises(DataError, match="is not finished .* rerun python -m engram_jax.pretok"):
@@ -197,6 +232,8 @@ def test_bad_corpora_are_named_before_training(written, tmp_path):
     (old / shards.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(DataError, match="is format 1, this version reads format 2"):
         _open(old)
+    with pytest.raises(DataError, match="holds a corpus of format 1"):
+        _run(DataConfig(source="text", paths=("x",)), old)
     with pytest.raises(FileNotFoundError, match="has no meta.json"):
         _open(tmp_path)
 

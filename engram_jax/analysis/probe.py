@@ -16,7 +16,7 @@ from flax import nnx
 
 from engram_jax.config.schema import Config
 from engram_jax.data.pipeline import make_hasher
-from engram_jax.data.prepare import Windows, end_of_document_id, validation_stream
+from engram_jax.data.prepare import end_of_document_id, validation_windows
 from engram_jax.data.tokenizer import TextTokenizer
 from engram_jax.nn.model import Transformer
 from engram_jax.train.run_dir import load_trained
@@ -57,16 +57,20 @@ def same_tokenizer(a: Checkpoint, b: Checkpoint) -> None:
 
 def validation_tokens(checkpoint: Checkpoint, sequences: int, seq_len: int | None = None,
                       seed: int = 0) -> np.ndarray:
-    """int32 (sequences, seq_len) windows of the checkpoint's validation split, drawn without
-    replacement with a fixed seed (seq_len defaults to the run's)."""
-    stream, _ = validation_stream(checkpoint.config.data, checkpoint.tokenizer)
+    """int32 (sequences, seq_len) windows of the checkpoint's validation split (a mixture's
+    sources' splits one after another), drawn without replacement with a fixed seed (seq_len
+    defaults to the run's; a pre-tokenised corpus has its own)."""
     seq_len = seq_len or checkpoint.config.data.seq_len
-    windows = Windows(stream, seq_len)
-    if sequences > len(windows):
-        raise ValueError(f"the validation split holds {len(windows)} windows of {seq_len} tokens, "
+    data = dataclasses.replace(checkpoint.config.data, seq_len=seq_len)
+    windows = [w for _, _, w in validation_windows(data, checkpoint.tokenizer)[0]]
+    starts = np.cumsum([0] + [len(w) for w in windows])
+    if sequences > starts[-1]:
+        raise ValueError(f"the validation split holds {starts[-1]} windows of {seq_len} tokens, "
                          f"fewer than the {sequences} asked for")
-    order = np.random.default_rng(seed).permutation(len(windows))[:sequences]
-    return np.stack([windows[int(i)][:seq_len] for i in np.sort(order)]).astype(np.int32)
+    order = np.sort(np.random.default_rng(seed).permutation(starts[-1])[:sequences])
+    source = np.searchsorted(starts, order, side="right") - 1
+    return np.concatenate([windows[s].read(order[source == s] - starts[s])[:, :seq_len]
+                           for s in range(len(windows)) if (source == s).any()])
 
 
 @nnx.jit

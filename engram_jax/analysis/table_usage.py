@@ -21,7 +21,7 @@ import numpy as np
 from engram_jax.analysis import probe
 from engram_jax.data.hashing import NgramHasher, segment_ids_from_separator, shifted_tokens
 from engram_jax.data.pipeline import make_hasher
-from engram_jax.data.prepare import end_of_document_id, validation_stream
+from engram_jax.data.prepare import end_of_document_id, validation_windows
 
 
 def ngram_keys(compressed: np.ndarray, order: int, pad_id: int,
@@ -108,11 +108,10 @@ def main(argv=None) -> int:
         config = checkpoint.config
         if config.model.engram is None:
             raise ValueError(f"checkpoint {checkpoint.label} has no Engram layers")
-        stream, _ = validation_stream(config.data, checkpoint.tokenizer)
-        seq_len = config.data.seq_len
-        count = min(args.sequences or len(stream) // seq_len, len(stream) // seq_len)
-        tokens = stream[:count * seq_len].reshape(count, seq_len)
-    except (FileNotFoundError, ValueError) as err:
+        sources, _ = validation_windows(config.data, checkpoint.tokenizer)
+        windows = np.concatenate([w.read(range(len(w)))[:, :-1] for _, _, w in sources])
+        tokens = windows[:args.sequences or len(windows)]
+    except (OSError, ValueError) as err:
         print(f"table_usage: {err}", file=sys.stderr)
         return 2
     hasher = make_hasher(config, checkpoint.tokenizer,

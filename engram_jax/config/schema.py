@@ -416,9 +416,10 @@ class DataConfig:
         `tokenizer.default_cache_dir`).
       mixture: several sources mixed by weight (`MixtureSource`), in place of `source` and
         `paths`: training windows are drawn from each in proportion to its weight, and each
-        has its own validation figures. They share one tokenizer: `tokenizer`, else the first
-        pre-tokenised source's, else the default BPE trained on the first source's training
-        split.
+        has its own validation figures. They share one tokenizer: a resumed run's, else
+        `tokenizer`, else the first source's (a pre-tokenised source's own, or the default BPE
+        trained on a text source's training split); a pre-tokenised source made with another
+        is refused.
     """
 
     source: str = "stdlib"

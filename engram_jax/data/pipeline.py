@@ -23,6 +23,7 @@ import numpy as np
 
 from engram_jax.config.schema import Config, EngramConfig
 from engram_jax.data.compression import CompressedTokenizer
+from engram_jax.data.corpus import DataError
 from engram_jax.data.hashing import NgramHasher, segment_ids_from_separator
 from engram_jax.data.prepare import PreparedData, Windows
 from engram_jax.data.shards import RecordWindows
@@ -40,7 +41,14 @@ class _ReadWindows(grain.transforms.Map):
         self.sources = sources
 
     def map(self, batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        return np.stack([self.sources[s][i] for s, i in zip(*batch)]).astype(np.int32)
+        sources, indices = batch
+        if len(self.sources) == 1:
+            return self.sources[0].read(indices)
+        out = np.empty((len(indices), self.sources[0].seq_len + 1), np.int32)
+        for source in np.unique(sources):
+            rows = np.flatnonzero(sources == source)
+            out[rows] = self.sources[source].read(indices[rows])
+        return out
 
 
 class _AddHashIds(grain.transforms.Map):
@@ -85,8 +93,8 @@ def batches(windows: Windows | RecordWindows | Sequence[tuple[Windows | RecordWi
             process_count: int = 1, shuffle: bool = True, repeat: bool = True,
             num_threads: int = 2, prefetch: int = 4,
             separator_id: int | None = None) -> grain.IterDataset:
-    """Batches of this process from `windows` (`len`, `[i]` -> int32 (L + 1,)), or from a
-    mixture: (windows, weight) pairs, each shuffled on its own (seed + its position) and
+    """Batches of this process from `windows` (`len`, `read(indices)` -> int32 (n, L + 1)), or
+    from a mixture: (windows, weight) pairs, each shuffled on its own (seed + its position) and
     repeated, drawn in proportion to the weights (grain's `MapDataset.mix`). Dicts of "tokens"
     (b, L + 1), "hash_ids" {layer: (b, L, K)} and, with `separator_id` (the token ending each
     document), "segment_ids" (b, L); b = global_batch / process_count. Every process sees its
@@ -99,8 +107,8 @@ def batches(windows: Windows | RecordWindows | Sequence[tuple[Windows | RecordWi
         raise ValueError("a mixture is drawn from repeated sources: repeat must be True")
     for source, _ in sources:
         if len(source) < global_batch:
-            raise ValueError(f"{len(source)} sequences of {source.seq_len + 1} tokens are fewer "
-                             f"than one batch of {global_batch}")
+            raise DataError(f"{len(source)} sequences of {source.seq_len + 1} tokens are fewer "
+                            f"than one batch of train.batch_size={global_batch}")
     parts = []
     for position, (source, _) in enumerate(sources):
         part = grain.MapDataset.range(len(source))

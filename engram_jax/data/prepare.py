@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engram_jax.config.schema import DataConfig
+from engram_jax.config.schema import DataConfig, MixtureSource
 from engram_jax.data import shards
 from engram_jax.data.corpus import CorpusReport, DataError, split_documents
 from engram_jax.data.tokenizer import (DEFAULT_SPECIAL_TOKENS, TextTokenizer,
@@ -45,6 +45,10 @@ class Windows:
         start = int(index) * self.seq_len
         return self.stream[start:start + self.seq_len + 1]
 
+    def read(self, indices) -> np.ndarray:
+        """int32 (n, seq_len + 1): windows `indices`."""
+        return np.stack([self[i] for i in indices]).astype(np.int32)
+
     def token_counts(self, vocab_size: int) -> np.ndarray:
         """int64 (vocab_size,) count of every token id of the stream."""
         return np.bincount(self.stream, minlength=vocab_size).astype(np.int64)
@@ -58,7 +62,8 @@ class Windows:
 @dataclasses.dataclass
 class DataPart:
     """One source's splits: windows (`Windows` or `shards.RecordWindows`: `len`, `[i]` -> int32
-    (seq_len + 1,), `fingerprint()`, `token_counts(vocab)`) and what reading it found. `name`
+    (seq_len + 1,), `read(indices)` -> (n, seq_len + 1), `fingerprint()`, `token_counts(vocab)`)
+    and what reading it found. `name`
     is the mixture's name for it ("" for a lone source), `weight` its share of training."""
 
     name: str
@@ -175,16 +180,15 @@ def prepare_data(config: DataConfig, progress: bool = True,
       DataError, FileNotFoundError: the corpus cannot be used (the message names what).
     """
     if not config.mixture:
-        tokenizer, eod_id, part = _prepare_source(config, "", 1.0, progress, tokenizer, "")
+        tokenizer, eod_id, part = _prepare_source(config, "", 1.0, progress, tokenizer,
+                                                  "the run's", "data.paths")
         return PreparedData(tokenizer, eod_id, (part,))
     parts, first = [], None
-    for source in config.mixture:
-        settings = dataclasses.replace(
-            config, source=source.source, paths=source.paths, field=source.field,
-            hf_name=source.hf_name, hf_split=source.hf_split, mixture=())
+    for index, (source, settings) in enumerate(_mixture_sources(config)):
         chosen, eod_id, part = _prepare_source(
             settings, source.name, source.weight, progress, tokenizer,
-            f"the mixture's (from source {first!r})" if first else "the run's")
+            f"the mixture's (from source {first!r})" if first else "the run's",
+            f"data.mixture[{index}] ({source.name!r})")
         if parts and eod_id != parts[0][0]:
             raise DataError(f"data.mixture: source {source.name!r} ends its documents with id "
                             f"{eod_id}, source {first!r} with {parts[0][0]}")
@@ -193,13 +197,21 @@ def prepare_data(config: DataConfig, progress: bool = True,
     return PreparedData(tokenizer, parts[0][0], tuple(part for _, part in parts))
 
 
+def _mixture_sources(config: DataConfig) -> list[tuple[MixtureSource, DataConfig]]:
+    """Each source of `config.mixture` with the data settings that read it alone."""
+    return [(source, dataclasses.replace(
+        config, source=source.source, paths=source.paths, field=source.field,
+        hf_name=source.hf_name, hf_split=source.hf_split, mixture=()))
+        for source in config.mixture]
+
+
 def _prepare_source(config: DataConfig, name: str, weight: float, progress: bool,
-                    tokenizer: TextTokenizer | None, whose: str
+                    tokenizer: TextTokenizer | None, whose: str, where: str
                     ) -> tuple[TextTokenizer, int, DataPart]:
     """(tokenizer, end-of-document id, the source's part) of one source (`config` without a
-    mixture); `whose` names `tokenizer` in an error."""
+    mixture); `whose` names `tokenizer` and `where` the source's setting in an error."""
     if config.source == "array_record":
-        return _pretokenized(config, name, weight, tokenizer, whose)
+        return _pretokenized(config, name, weight, tokenizer, whose, where)
     train_texts, validation_texts, report = split_documents(config)
     cache = pathlib.Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if tokenizer is None and config.tokenizer is None:
@@ -233,16 +245,15 @@ def data_fingerprint(prepared: PreparedData) -> dict:
 
 
 def _pretokenized(config: DataConfig, name: str, weight: float,
-                  tokenizer: TextTokenizer | None, whose: str
+                  tokenizer: TextTokenizer | None, whose: str, where: str
                   ) -> tuple[TextTokenizer, int, DataPart]:
-    """The corpus directory `config.paths[0]` (`shards.open_corpus`): its tokenizer must be
-    `tokenizer` and the configured one, when given."""
-    where = f"data.mixture source {name!r}" if name else "data.paths"
+    """The corpus directory `config.paths[0]` (`shards.open_corpus`; `where` names its setting
+    in errors): its tokenizer must be `tokenizer` and the configured one, when given."""
     if len(config.paths) != 1:
         raise DataError(f"{where}: source array_record reads one corpus directory, got "
                         f"{len(config.paths)}: {', '.join(config.paths)}")
     directory = pathlib.Path(config.paths[0])
-    corpus = shards.open_corpus(directory, config.seq_len)
+    corpus = shards.open_corpus(directory, config.seq_len, where)
     for label, expected in ((whose, tokenizer),
                             (f"data.tokenizer={config.tokenizer!r}",
                              load_tokenizer(config.tokenizer) if config.tokenizer else None)):
@@ -262,14 +273,14 @@ def validation_windows(config: DataConfig, tokenizer: TextTokenizer
     Raises:
       DataError, FileNotFoundError: as `prepare_data`.
     """
-    sources = ([("", 1.0, config)] if not config.mixture else
-               [(s.name, s.weight, dataclasses.replace(
-                   config, source=s.source, paths=s.paths, field=s.field, hf_name=s.hf_name,
-                   hf_split=s.hf_split, mixture=())) for s in config.mixture])
+    sources = ([("", 1.0, config, "data.paths")] if not config.mixture else
+               [(source.name, source.weight, settings, f"data.mixture[{i}] ({source.name!r})")
+                for i, (source, settings) in enumerate(_mixture_sources(config))])
     out, documents = [], 0
-    for name, weight, settings in sources:
+    for name, weight, settings, where in sources:
         if settings.source == "array_record":
-            _, _, part = _pretokenized(settings, name, weight, tokenizer, "the checkpoint's")
+            _, _, part = _pretokenized(settings, name, weight, tokenizer, "the checkpoint's",
+                                       where)
             windows, read = part.validation, part.report.documents
         else:
             stream, read = validation_stream(settings, tokenizer)

@@ -49,7 +49,7 @@ SETTINGS_FILE = "settings.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "validation")
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access reads one window
-COUNT_EVERY_TOKENS = 1 << 22
+COUNT_EVERY_TOKENS = 1 << 20
 
 
 def shard_path(directory: pathlib.Path, split: str, index: int, suffix: str) -> pathlib.Path:
@@ -128,11 +128,12 @@ class SplitWriter:
         """Appends one document's tokens (its end-of-document token included) as document
         `document_index` of the source; closes the shard after it if the shard is full."""
         state, width = self.state, self.seq_len + 1
+        tokens = np.array(tokens, np.int32)  # a copy: a view would keep its whole chunk alive
         self._uncounted.append(tokens)
         self._uncounted_tokens += len(tokens)
         if self._uncounted_tokens >= COUNT_EVERY_TOKENS:
             self._count()
-        stream = np.concatenate([state.pending, tokens.astype(np.int32)])
+        stream = np.concatenate([state.pending, tokens])
         windows = max(0, (len(stream) - 1) // self.seq_len)
         if windows and self._writer is None:
             self._open()
@@ -225,7 +226,14 @@ class RecordWindows:
         return self.count
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return np.frombuffer(self.source[int(index)], dtype="<i4").astype(np.int32)
+        return self.read([index])[0]
+
+    def read(self, indices) -> np.ndarray:
+        """int32 (n, seq_len + 1): windows `indices`, read in one call (a call costs about
+        0.2 ms here whatever it reads, so a batch's windows are read together)."""
+        records = self.source.__getitems__([int(i) for i in indices])
+        return np.frombuffer(b"".join(records), dtype="<i4").reshape(
+            len(records), self.seq_len + 1).astype(np.int32)
 
     def token_counts(self, vocab_size: int) -> np.ndarray:
         """int64 (vocab_size,) count of every token id of the split's stream (from the pass
@@ -239,18 +247,23 @@ class RecordWindows:
         return {"tokens": self.entry["tokens"], "sha256": digest.hexdigest()[:16]}
 
 
-def _check_shards(directory: pathlib.Path, split: str, entry: dict, seq_len: int) -> None:
-    """Every shard of a split is there, whole, and holds the records `meta.json` says."""
+def _check_shards(directory: pathlib.Path, split: str, entry: dict, seq_len: int,
+                  where: str) -> None:
+    """Every shard of a split is there, whole, and holds the records `meta.json` says, and the
+    split's token counts are there."""
     from array_record.python import array_record_module
 
+    if not counts_path(directory, split).is_file():
+        raise DataError(f"{where}: {counts_path(directory, split)} is missing; rerun python -m "
+                        "engram_jax.pretokenize")
     for shard in entry["shards"]:
         path = directory / shard["file"]
         if not path.is_file():
-            raise DataError(f"data.paths: shard {path} is missing (listed in "
+            raise DataError(f"{where}: shard {path} is missing (listed in "
                             f"{directory / META_FILE}); rerun python -m engram_jax.pretokenize")
         size = path.stat().st_size
         if size != shard["bytes"]:
-            raise DataError(f"data.paths: shard {path} has {size} bytes, {META_FILE} says "
+            raise DataError(f"{where}: shard {path} has {size} bytes, {META_FILE} says "
                             f"{shard['bytes']}: it is truncated or was changed")
         try:
             reader = array_record_module.ArrayRecordReader(str(path))
@@ -258,9 +271,9 @@ def _check_shards(directory: pathlib.Path, split: str, entry: dict, seq_len: int
             first = reader.read([0])[0] if records else b""
             reader.close()
         except Exception as err:  # the reader's errors carry no file name
-            raise DataError(f"data.paths: shard {path} cannot be read: {err}") from None
+            raise DataError(f"{where}: shard {path} cannot be read: {err}") from None
         if records != shard["records"] or len(first) not in (0, 4 * (seq_len + 1)):
-            raise DataError(f"data.paths: shard {path} holds {records} records of "
+            raise DataError(f"{where}: shard {path} holds {records} records of "
                             f"{len(first)} bytes, {META_FILE} says {shard['records']} windows "
                             f"of {seq_len + 1} tokens")
 
@@ -275,8 +288,9 @@ class Corpus:
     validation: RecordWindows
 
 
-def open_corpus(directory: pathlib.Path, seq_len: int) -> Corpus:
-    """Opens a corpus directory for training at `seq_len` (`data.seq_len`), after checking it.
+def open_corpus(directory: pathlib.Path, seq_len: int, where: str = "data.paths") -> Corpus:
+    """Opens a corpus directory for training at `seq_len` (`data.seq_len`), after checking it;
+    `where` names the setting it came from in errors.
 
     Raises:
       DataError, FileNotFoundError: the directory is not a finished corpus of this format, its
@@ -288,26 +302,29 @@ def open_corpus(directory: pathlib.Path, seq_len: int) -> Corpus:
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         if (directory / SETTINGS_FILE).is_file():
-            raise DataError(f"data.paths: {directory} is not finished (no {META_FILE}): rerun "
+            raise DataError(f"{where}: {directory} is not finished (no {META_FILE}): rerun "
                             f"python -m engram_jax.pretokenize with --out {directory} to "
                             "finish it")
-        raise FileNotFoundError(f"data.paths: {directory} has no {META_FILE}; make it with "
+        raise FileNotFoundError(f"{where}: {directory} has no {META_FILE}; make it with "
                                 "python -m engram_jax.pretokenize")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
-        raise DataError(f"data.paths: {meta_path} is format {meta.get('format', 1)}, this "
+        raise DataError(f"{where}: {meta_path} is format {meta.get('format', 1)}, this "
                         f"version reads format {FORMAT}: rerun python -m engram_jax.pretokenize")
     if meta["seq_len"] != seq_len:
         raise DataError(f"data.seq_len={seq_len}, but {directory} holds windows of "
                         f"{meta['seq_len']} + 1 tokens: set data.seq_len={meta['seq_len']} or "
                         f"rerun python -m engram_jax.pretokenize with data.seq_len={seq_len}")
+    if not (directory / TOKENIZER_DIR / "tokenizer.json").is_file():
+        raise DataError(f"{where}: {directory / TOKENIZER_DIR} holds no tokenizer.json; rerun "
+                        "python -m engram_jax.pretokenize")
     tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
     if tokenizer.fingerprint() != meta["tokenizer"]:
-        raise DataError(f"data.paths: the tokenizer in {directory / TOKENIZER_DIR} is not the "
+        raise DataError(f"{where}: the tokenizer in {directory / TOKENIZER_DIR} is not the "
                         f"one {directory}'s shards were made with ({META_FILE} names "
                         f"{meta['tokenizer']}, it is {tokenizer.fingerprint()})")
     for split in SPLITS:
-        _check_shards(directory, split, meta["splits"][split], seq_len)
+        _check_shards(directory, split, meta["splits"][split], seq_len, where)
     train, validation = (RecordWindows(directory, split, meta["splits"][split], seq_len)
                          for split in SPLITS)
     return Corpus(meta, tokenizer, train, validation)

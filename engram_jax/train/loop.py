@@ -40,11 +40,15 @@ def _evaluation_batches(config: Config, data: PreparedData) -> dict[str, int]:
     batches its validation split holds.
 
     Raises:
-      DataError: a validation split holds less than one batch.
+      DataError: a training or validation split holds less than one batch.
     """
     counts = {}
     for part in data.parts:
         where = f"source {part.name!r}'s" if part.name else "the"
+        if len(part.train) < config.train.batch_size:
+            raise DataError(f"data: {where} training split holds {len(part.train)} sequences "
+                            f"of {config.data.seq_len + 1} tokens, fewer than one batch of "
+                            f"train.batch_size={config.train.batch_size}")
         windows = len(part.validation)
         available = windows // config.train.batch_size
         if available == 0:
