@@ -9,7 +9,7 @@ thousand words or so each) at two sizes, then prints one JSON line per measureme
                        peak plus `workers` times the largest worker's: an upper bound of the
                        whole), `main_rss_mb`, `worker_rss_mb`, `seconds`;
   stage "reader"       the training input pipeline over a pre-tokenised corpus (random access
-                       through grain's ArrayRecordDataSource, shuffled, hash ids of the
+                       by ArrayRecordReader range reads, shuffled, hash ids of the
                        config's Engram computed in `workers` threads), in a fresh process:
                        `tokens_per_s` (tokens of the batches delivered per second, hashing
                        included), `peak_rss_mb` (the process's peak), `corpus_tokens`.
