@@ -139,7 +139,9 @@ def test_host_tables_train_as_device_tables_step_for_step(scan_layers):
     np.testing.assert_allclose(*zip(*losses), rtol=1e-5)
     for layer, arrays in device_state.items():
         for got, want in zip(host_state[layer], arrays):
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+            # Float32 rounding of two differently fused Adams grows with the steps (on one x86
+            # host, 4e-5 in a few of 4096 values); the next line bounds the worst of it.
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         assert np.abs(host_state[layer][0] - arrays[0]).max() < 1e-3
         assert np.abs(host_state[layer][2]).max() > 0  # trained
 

@@ -121,9 +121,12 @@ def test_sparse_adam_takes_dense_adams_first_step_then_differs_in_untouched_rows
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  sparse1, dense1)
 
+    # Step 2 divides by sqrt(nu) of gradients near zero, which amplifies float32 rounding (on
+    # one x86 host, up to 5e-5 in a parameter): a tenth of a step (the learning rate, 1e-2)
+    # still tells an update that differs from one that does not.
     def compare(path, a, b):
         if path[-1].key != "table":
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
     jax.tree_util.tree_map_with_path(compare, sparse2, dense2)
     (layer, rows_1), = touched[0].items()
     only_first = np.setdiff1d(rows_1, touched[1][layer])
