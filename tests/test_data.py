@@ -166,23 +166,20 @@ def test_hugging_face_source_through_a_stand_in_module(monkeypatch):
     import sys
     import types
 
-    class FakeDataset(list):
-        column_names = ["content"]
-
     calls = []
 
-    def load_dataset(name, split):
-        calls.append((name, split))
-        return FakeDataset([{"content": "first"}, {"content": ""}, {"content": "third"}])
+    def load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        return iter([{"content": "first"}, {"content": ""}, {"content": "third"}])
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     config = DataConfig(source="hf", hf_name="org/corpus", hf_split="train", field="content")
     report = corpus.CorpusReport()
     docs = list(corpus.iter_documents(config, report))
-    assert calls == [("org/corpus", "train")]
+    assert calls == [("org/corpus", "train", True)]  # streamed, never copied whole
     assert docs == [("org/corpus:0", "first"), ("org/corpus:2", "third")]
     assert report.empty_skipped == 1
-    with pytest.raises(corpus.DataError, match="no column 'text'"):
+    with pytest.raises(corpus.DataError, match="record 0 has no column 'text' \\(columns: content"):
         list(corpus.iter_documents(DataConfig(source="hf", hf_name="org/corpus"), report))
 
 

@@ -176,10 +176,14 @@ def _raw_documents(config: DataConfig, report: CorpusReport) -> Iterator[tuple[s
             import datasets
         except ImportError as err:
             raise DataError("data.source 'hf' needs the `datasets` package") from err
-        dataset = datasets.load_dataset(config.hf_name, split=config.hf_split)
-        if config.field not in dataset.column_names:
-            raise DataError(f"{config.hf_name}: no column {config.field!r} (set data.field)")
+        # Streamed: records arrive as they are read, with no copy of the dataset on disk or
+        # in memory, so a corpus larger than either can be pre-tokenised.
+        dataset = datasets.load_dataset(config.hf_name, split=config.hf_split, streaming=True)
         for index, record in enumerate(dataset):
+            if config.field not in record:
+                raise DataError(f"{config.hf_name}: record {index} has no column "
+                                f"{config.field!r} (columns: {', '.join(record)}; set "
+                                "data.field)")
             yield f"{config.hf_name}:{index}", record[config.field]
     else:
         raise DataError(f"data.source {config.source!r} has no documents (array_record holds "
