@@ -110,10 +110,55 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
 
     `jax.lax.ragged_dot`, except on TPU, where its weight gradient is computed for every expert
     over every row (E times the work; docs/ARCHITECTURE.md, "MoE"): there the megablox
-    grouped-matmul kernels of jax's Pallas ops, whose gradients are grouped too.
+    grouped-matmul kernels of jax's Pallas ops, whose gradients are grouped too. On CPU, where
+    XLA computes `ragged_dot` as one dense matmul of every row against every expert (E times
+    the work, forward and backward), `tiled_grouped_matmul`.
     """
     return jax.lax.platform_dependent(x, w, sizes, tpu=_megablox_matmul,
-                                      default=jax.lax.ragged_dot)
+                                      cpu=tiled_grouped_matmul, default=jax.lax.ragged_dot)
+
+
+def grouped_tile_rows(rows: int, num_experts: int) -> int:
+    """Rows of a tile of `tiled_grouped_matmul`: the largest power of two <= rows / (8 E), in
+    [1, 128], so the padding of each expert's last tile adds at most 1/8 to the rows."""
+    target = max(1, min(128, rows // (8 * num_experts)))
+    return 1 << (target.bit_length() - 1)
+
+
+def tiled_grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+    """`grouped_matmul` as a batch of tiles of one expert each: x (R, D), w (E, D, F), sizes
+    int32 (E,) -> (R, F), rows past sum(sizes) zero.
+
+    Each expert's rows are padded to whole tiles of `grouped_tile_rows` rows (at most
+    ceil(R / tile) + min(E, R) tiles in all, a static bound), every tile is multiplied by its
+    expert's matrix (one batched matmul over tiles), and the rows are gathered back: the work
+    is the rows' own plus the padding, where XLA's CPU `ragged_dot` multiplies every row by
+    every expert."""
+    rows, num_experts = x.shape[0], w.shape[0]
+    tile = grouped_tile_rows(rows, num_experts)
+    num_tiles = -(-rows // tile) + (min(num_experts, rows) if tile > 1 else 0)
+    tiles_per_expert = (sizes + tile - 1) // tile
+    first_tile = jnp.cumsum(tiles_per_expert) - tiles_per_expert  # (E,)
+    first_row = jnp.cumsum(sizes) - sizes  # (E,)
+    # Expert of each tile (tiles past the last expert's take expert E - 1 and zero rows).
+    tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_per_expert),
+                                               jnp.arange(num_tiles), side="right"),
+                              num_experts - 1)
+    # Source row of each padded slot, and whether it holds one.
+    slot = jnp.arange(num_tiles * tile)
+    slot_expert = tile_expert[slot // tile]
+    rank = slot - first_tile[slot_expert] * tile
+    filled = (rank >= 0) & (rank < sizes[slot_expert])
+    source = jnp.where(filled, first_row[slot_expert] + rank, 0)
+    padded = jnp.where(filled[:, None], x[source], 0).reshape(num_tiles, tile, x.shape[1])
+    out = jnp.einsum("ntd,ndf->ntf", padded, w[tile_expert]).reshape(num_tiles * tile, -1)
+    # Slot of each row: its expert's first slot plus its rank in the group.
+    row = jnp.arange(rows)
+    row_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes), row, side="right"),
+                             num_experts - 1)
+    row_slot = first_tile[row_expert] * tile + row - first_row[row_expert]
+    valid = row < jnp.sum(sizes)
+    return jnp.where(valid[:, None], out[jnp.where(valid, row_slot, 0)], 0)
 
 
 def _megablox_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
